@@ -1,0 +1,489 @@
+"""fcnjax against PyTorch on the same network, the same shapes and the same weights, in one process.
+
+  python -m benchmarks.compare_torch                                   # fcn8s, unet, fcn_resnet50; batch 2, 224x224
+  python -m benchmarks.compare_torch --models unet --size 64 --steps 2 --rounds 2   # a quick check of the script
+  python -m benchmarks.compare_torch --torch_compile --dtype bfloat16 --out runs/bench/bf16.json
+
+Each model is timed twice, as a train step and as inference:
+- train: fcnjax's jitted `steps.train_step` (SGD momentum 0.9, cross-entropy with ignore_index 255, aux head weighted
+  0.5 as in torchvision's reference, state donated) against the PyTorch model with torch.optim.SGD(momentum=0.9),
+  F.cross_entropy and loss.backward() -- eager, and with --torch_compile also torch.compile(model).
+- inference: the model's forward pass in eval mode (fcnjax returns every head, as torchvision's fcn_resnet50 computes
+  its aux head in eval mode too, so both do the same work).
+The references are fcnjax.torch_reference.fcn.FCN8s, fcnjax.torch_reference.unet.UNet (64..1024, BatchNorm,
+transposed-conv up-sampling) and torchvision.models.segmentation.fcn_resnet50(aux_loss=True). fcnjax gets the torch
+model's initial weights through the converters, and the two inference outputs are compared once ("parity"), which
+checks that the two networks really are the same one.
+
+Frameworks take turns in rounds (see benchmarks/harness.py). Reported per model and mode: images/s (median and
+min-max over rounds), fcnjax/torch (median of per-round ratios), time to the first step, XLA compile time, GFLOP per
+step from XLA's cost analysis (useful multiply-adds x 2; the same count is used for torch, as it is the same
+network), achieved GFLOP/s and its fraction of the device's peak, and peak memory:
+- fcnjax: XLA's buffer plan for the step (compiled.memory_analysis(): arguments + outputs - donated aliases + temps);
+- torch on GPU: torch.cuda.max_memory_allocated() over a few steps (parameters included);
+- torch on CPU: the peak RSS of a separate torch-only process over a few steps, minus its RSS before the model was
+  built (parameters, gradients, momentum, activations, and whatever the allocator keeps).
+
+Threads: both frameworks use --threads cores (default: every core this process may run on). XLA:CPU sizes its pool
+by the process's CPU affinity, which --threads restricts; torch gets torch.set_num_threads(--threads).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from benchmarks import harness
+
+MODELS = ("fcn8s", "unet", "fcn_resnet50")
+MODES = ("train", "infer")
+LEARNING_RATE = 0.01
+AUX_WEIGHT = 0.5  # torchvision references/segmentation: loss = out + 0.5 * aux; fcnjax.losses' default
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {MODELS}")
+  p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
+  p.add_argument("--batch", type=int, default=2)
+  p.add_argument("--size", type=int, default=224, help="square input size")
+  p.add_argument("--num_classes", type=int, default=21)
+  p.add_argument("--steps", type=int, default=2, help="timed steps per framework per round")
+  p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+  p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
+  p.add_argument("--threads", type=int, default=0, help="CPU threads for both frameworks (0 = all allowed cores)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="bfloat16: fcnjax compute dtype bfloat16 (params float32); torch autocast(bfloat16)")
+  p.add_argument("--torch_compile", action="store_true", help="also time torch.compile(model)")
+  p.add_argument("--torch_channels_last", action="store_true", help="torch in channels_last memory format")
+  p.add_argument("--no_memory", action="store_true", help="skip the torch CPU memory probe (a subprocess per model)")
+  p.add_argument("--cpu_ghz", type=float, default=None, help="CPU clock for the peak estimate (default: cpu MHz)")
+  p.add_argument("--out", default="", help="write the results as JSON here")
+  p.add_argument("--probe_torch_memory", default="", help=argparse.SUPPRESS)  # internal: 'model:mode'
+  args = p.parse_args(argv)
+  args.models = [m for m in args.models.split(",") if m]
+  args.modes = [m for m in args.modes.split(",") if m]
+  for m in args.models:
+    if m not in MODELS:
+      p.error(f"--models: unknown model {m!r}; expected some of {MODELS}")
+  for m in args.modes:
+    if m not in MODES:
+      p.error(f"--modes: unknown mode {m!r}; expected some of {MODES}")
+  return args
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The two sides of each model
+
+
+def torch_model(name: str, num_classes: int):
+  """The PyTorch reference network, with zero-initialised layers given small random weights so that the parity check
+  compares more than zeros (FCN-8s' score layers start at zero)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  if name == "fcn8s":
+    from fcnjax.torch_reference.fcn import FCN8s  # pylint: disable=g-import-not-at-top
+    model = FCN8s(num_classes)
+  elif name == "unet":
+    from fcnjax.torch_reference.unet import UNet  # pylint: disable=g-import-not-at-top
+    model = UNet(num_classes=num_classes)
+  else:
+    from torchvision.models.segmentation import fcn_resnet50  # pylint: disable=g-import-not-at-top
+    model = fcn_resnet50(weights=None, weights_backbone=None, aux_loss=True, num_classes=num_classes)
+  generator = torch.Generator().manual_seed(0)
+  with torch.no_grad():
+    for param in model.parameters():
+      if param.dim() > 1 and not param.any():
+        param.copy_(torch.randn(param.shape, generator=generator) * 0.01)
+  return model
+
+
+def flax_variables_from_torch(name: str, model) -> dict:
+  if name == "fcn8s":
+    from fcnjax.torch_reference.fcn import to_flax_variables  # pylint: disable=g-import-not-at-top
+    return to_flax_variables(model)
+  if name == "unet":
+    from fcnjax.torch_reference.unet import flax_variables  # pylint: disable=g-import-not-at-top
+    return flax_variables(model)
+  from fcnjax.conversion.resnet import convert_fcn_resnet50  # pylint: disable=g-import-not-at-top
+  state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+  return convert_fcn_resnet50(state, aux_loss=True)
+
+
+def fcnjax_model(name: str, num_classes: int, dtype: str):
+  from fcnjax import models  # pylint: disable=g-import-not-at-top
+  config = {"name": name, "num_classes": num_classes, "dtype": dtype}
+  if name == "fcn8s":
+    config["variant"] = "paper"  # the reference nets' FCN-8s, as fcnjax.torch_reference.fcn
+  return models.build_model(config)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Runners: run(n) does n steps, waits for the device, and returns the seconds taken.
+
+
+def _cost_flops(compiled) -> float | None:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+    cost = cost[0] if cost else {}
+  flops = (cost or {}).get("flops")
+  return float(flops) if flops else None
+
+
+def _planned_bytes(compiled) -> int | None:
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return None
+  return (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+          + stats.temp_size_in_bytes)
+
+
+@dataclasses.dataclass
+class RunnerInfo:
+  framework: str
+  first_step_s: float = 0.0             # from nothing compiled to the end of the first step
+  compile_s: float | None = None        # XLA lower + compile (fcnjax only)
+  flops: float | None = None            # per step, XLA cost analysis
+  memory_bytes: int | None = None
+  memory_method: str = ""
+  donated: bool | None = None
+  error: str = ""
+
+
+class FcnjaxTrain:
+  """fcnjax's jitted, donating train step; `apply_fn` replaces model.apply (benchmarks/train_step_variants.py)."""
+
+  def __init__(self, name: str, model, variables: dict, images: np.ndarray, masks: np.ndarray, apply_fn=None):
+    import jax  # pylint: disable=g-import-not-at-top
+    from fcnjax import losses, optim, steps  # pylint: disable=g-import-not-at-top
+    self.jax = jax
+    variables = jax.device_put(variables)  # jax arrays, so that donation can consume them
+    config = optim.default_config()
+    config.schedule = "constant"
+    config.learning_rate = LEARNING_RATE
+    config.momentum = 0.9
+    tx = optim.make_optimizer(config, total_steps=1)
+    self.state = steps.create_train_state(model, tx, variables, jax.random.PRNGKey(0))
+    if apply_fn is not None:
+      self.state = self.state.replace(apply_fn=apply_fn)
+    self.batch = {"image": jax.device_put(images), "mask": jax.device_put(masks)}
+    loss_config = losses.default_config()
+    loss_config.aux_weight = AUX_WEIGHT
+    step = jax.jit(functools.partial(steps.train_step, loss_config=loss_config,
+                                     learning_rate_fn=lambda _: LEARNING_RATE), donate_argnums=0)
+    self.info = RunnerInfo("fcnjax", memory_method="XLA buffer plan (args + outputs - aliased + temps)")
+    start = time.perf_counter()
+    self.compiled = step.lower(self.state, self.batch).compile()
+    self.info.compile_s = time.perf_counter() - start
+    self.info.flops = _cost_flops(self.compiled)
+    self.info.memory_bytes = _planned_bytes(self.compiled)
+    before = self.state
+    self._step()
+    jax.block_until_ready(self.state)
+    self.info.first_step_s = time.perf_counter() - start
+    # Donation worked when the old state's buffers were consumed by the step.
+    self.info.donated = all(leaf.is_deleted() for leaf in jax.tree.leaves(before.params))
+
+  def _step(self):
+    self.state, self.metrics = self.compiled(self.state, self.batch)
+
+  def __call__(self, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+      self._step()
+    self.jax.block_until_ready((self.state, self.metrics))
+    return time.perf_counter() - start
+
+
+class FcnjaxInfer:
+  def __init__(self, model, variables: dict, images: np.ndarray):
+    import jax  # pylint: disable=g-import-not-at-top
+    self.jax = jax
+    self.variables = jax.device_put(variables)
+    self.images = jax.device_put(images)
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))  # every head, as torch computes them all
+    self.info = RunnerInfo("fcnjax", memory_method="XLA buffer plan (args + outputs + temps)")
+    start = time.perf_counter()
+    self.compiled = forward.lower(self.variables, self.images).compile()
+    self.info.compile_s = time.perf_counter() - start
+    self.info.flops = _cost_flops(self.compiled)
+    self.info.memory_bytes = _planned_bytes(self.compiled)
+    self.outputs = self.compiled(self.variables, self.images)
+    jax.block_until_ready(self.outputs)
+    self.info.first_step_s = time.perf_counter() - start
+
+  def __call__(self, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+      self.outputs = self.compiled(self.variables, self.images)
+    self.jax.block_until_ready(self.outputs)
+    return time.perf_counter() - start
+
+
+def _torch_outputs(out) -> list:
+  """The heads of a torch model's output in a fixed order: ['out'] or ['out', 'aux']."""
+  if isinstance(out, dict):
+    return [out[k] for k in ("out", "aux") if k in out]
+  return [out]
+
+
+class TorchRunner:
+  """Train step or inference of a torch model; `compiled` wraps the model in torch.compile."""
+
+  def __init__(self, model, mode: str, images: np.ndarray, masks: np.ndarray, device: str, dtype: str,
+               compiled: bool, channels_last: bool):
+    import torch  # pylint: disable=g-import-not-at-top
+    import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+    self.torch, self.F = torch, F
+    self.device, self.mode = device, mode
+    self.model = model
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    self.images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(
+        device, memory_format=memory_format)
+    self.masks = torch.from_numpy(masks.astype(np.int64)).to(device)
+    self.fn = torch.compile(model) if compiled else model
+    self.autocast = functools.partial(torch.autocast, device_type=device.split(":")[0], dtype=torch.bfloat16,
+                                      enabled=dtype == "bfloat16")
+    if mode == "train":
+      self.optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=0.9)
+    self.info = RunnerInfo("torch.compile" if compiled else "torch")
+    if device.startswith("cuda"):
+      torch.cuda.synchronize()
+      torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    self._step()
+    self._sync()
+    self.info.first_step_s = time.perf_counter() - start
+
+  def _sync(self):
+    if self.device.startswith("cuda"):
+      self.torch.cuda.synchronize()
+
+  def _step(self):
+    if self.mode == "train":
+      self.model.train()
+      self.optimizer.zero_grad(set_to_none=True)
+      with self.autocast():
+        heads = _torch_outputs(self.fn(self.images))
+      loss = sum(w * self.F.cross_entropy(h.float(), self.masks, ignore_index=255)
+                 for w, h in zip((1.0, AUX_WEIGHT), heads))
+      loss.backward()
+      self.optimizer.step()
+      self.outputs = loss
+    else:
+      self.model.eval()
+      with self.torch.inference_mode(), self.autocast():
+        self.outputs = _torch_outputs(self.fn(self.images))
+
+  def __call__(self, n: int) -> float:
+    self._sync()
+    start = time.perf_counter()
+    for _ in range(n):
+      self._step()
+    self._sync()
+    return time.perf_counter() - start
+
+  def record_cuda_memory(self):
+    if self.device.startswith("cuda"):
+      self.info.memory_bytes = self.torch.cuda.max_memory_allocated()
+      self.info.memory_method = "torch.cuda.max_memory_allocated"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Torch CPU memory, measured in a process of its own: RSS peaks cannot be told apart inside one process.
+
+
+def probe_torch_memory(args) -> None:
+  """(internal) Prints {'bytes': peak RSS - RSS before the model} for one torch model and mode, as JSON."""
+  import torch  # pylint: disable=g-import-not-at-top
+  name, mode = args.probe_torch_memory.split(":")
+  threads = harness.pin_threads(args.threads)
+  torch.set_num_threads(threads)
+  # Import everything torch_model needs first, so that the baseline holds the libraries and not the model.
+  import fcnjax.torch_reference.fcn  # noqa: F401 pylint: disable=g-import-not-at-top,unused-import
+  import fcnjax.torch_reference.unet  # noqa: F401 pylint: disable=g-import-not-at-top,unused-import
+  import torchvision.models.segmentation  # noqa: F401 pylint: disable=g-import-not-at-top,unused-import
+  images, masks = make_batch(args)
+  baseline = harness.rss_bytes()
+  harness.reset_peak_rss()
+  model = torch_model(name, args.num_classes)
+  runner = TorchRunner(model, mode, images, masks, "cpu", args.dtype, False, args.torch_channels_last)
+  runner(2)
+  print(json.dumps({"bytes": harness.peak_rss_bytes() - baseline}))
+
+
+def torch_cpu_memory(args, name: str, mode: str) -> tuple[int | None, str]:
+  command = [sys.executable, "-m", "benchmarks.compare_torch", "--probe_torch_memory", f"{name}:{mode}",
+             "--batch", str(args.batch), "--size", str(args.size), "--num_classes", str(args.num_classes),
+             "--threads", str(args.threads), "--dtype", args.dtype]
+  if args.torch_channels_last:
+    command.append("--torch_channels_last")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run(command, capture_output=True, text=True, cwd=root, check=False)
+  try:
+    return json.loads(done.stdout.strip().splitlines()[-1])["bytes"], "peak RSS of a torch-only process - RSS before model"
+  except (IndexError, KeyError, ValueError):
+    return None, f"probe failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def make_batch(args) -> tuple[np.ndarray, np.ndarray]:
+  rng = np.random.default_rng(0)
+  images = rng.standard_normal((args.batch, args.size, args.size, 3), dtype=np.float32)
+  masks = rng.integers(0, args.num_classes, (args.batch, args.size, args.size), dtype=np.int32)
+  return images, masks
+
+
+def parity(jax_outputs: dict, torch_heads: list) -> dict:
+  """Max |fcnjax - torch| over the inference heads, and the output scale it is relative to."""
+  diffs, scale = [], 0.0
+  for key, head in zip(("out", "aux"), torch_heads):
+    ours = np.asarray(jax_outputs[key], dtype=np.float32)
+    theirs = head.detach().float().cpu().numpy().transpose(0, 2, 3, 1)
+    diffs.append(float(np.max(np.abs(ours - theirs))))
+    scale = max(scale, float(np.max(np.abs(theirs))))
+  return {"max_abs_diff": max(diffs), "max_abs_output": scale}
+
+
+def bench_model(args, name: str, device: str, peak: harness.Peak, log) -> list[dict]:
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  images, masks = make_batch(args)
+  torch.manual_seed(0)
+  reference = torch_model(name, args.num_classes).to(device)
+  if args.torch_channels_last:
+    reference = reference.to(memory_format=torch.channels_last)
+  model = fcnjax_model(name, args.num_classes, args.dtype)
+  variables = jax.tree.map(np.asarray, flax_variables_from_torch(name, reference.cpu()))
+  reference = reference.to(device)
+  rows = []
+  for mode in args.modes:
+    log(f"{name} {mode}: compiling / first steps")
+    if mode == "train":
+      ours = FcnjaxTrain(name, model, jax.tree.map(np.copy, variables), images, masks)
+    else:
+      ours = FcnjaxInfer(model, variables, images)
+    # Train runners update the weights; each torch runner gets its own copy so modes do not see each other's steps.
+    contenders = {"fcnjax": ours}
+    variants = [False] + ([True] if args.torch_compile else [])
+    for compiled in variants:
+      label = "torch.compile" if compiled else "torch"
+      module = torch_model(name, args.num_classes) if mode == "train" else reference
+      module.load_state_dict(reference.state_dict())
+      module = module.to(device)
+      try:
+        contenders[label] = TorchRunner(module, mode, images, masks, device, args.dtype, compiled,
+                                        args.torch_channels_last)
+      except Exception as e:  # torch.compile does not work everywhere (no compiler, unsupported op): say so, go on
+        if not compiled:
+          raise
+        log(f"  torch.compile failed: {type(e).__name__}: {e}")
+        rows.append({"model": name, "mode": mode, "framework": label, "error": f"{type(e).__name__}: {e}"[:300]})
+    for _ in range(args.warmup):
+      for runner in contenders.values():
+        runner(1)
+    check = parity(ours.outputs, contenders["torch"].outputs) if mode == "infer" else None
+    rates = harness.interleave(contenders, rounds=args.rounds, steps=args.steps, items_per_step=args.batch, log=log)
+    for label, runner in contenders.items():
+      if isinstance(runner, TorchRunner):
+        runner.record_cuda_memory()
+        if device == "cpu" and label == "torch" and not args.no_memory:
+          runner.info.memory_bytes, runner.info.memory_method = torch_cpu_memory(args, name, mode)
+    flops = ours.info.flops
+    for label, runner in contenders.items():
+      spread = harness.Spread.of(rates[label])
+      row = {"model": name, "mode": mode, "framework": label, "img_per_s": dataclasses.asdict(spread),
+             **dataclasses.asdict(runner.info), "flops_per_step": flops}
+      row.pop("flops")
+      if flops:
+        achieved = flops * spread.median / args.batch / 1e9
+        row["achieved_gflops"] = achieved
+        row["fraction_of_peak"] = achieved / peak.gflops if peak.gflops else None
+      for other in contenders:
+        if other != label and other.startswith("torch") and label == "fcnjax":
+          row[f"ratio_vs_{other}"] = dataclasses.asdict(harness.ratio(rates["fcnjax"], rates[other]))
+      if check and label == "torch":
+        row["parity"] = check
+      rows.append(row)
+  return rows
+
+
+def table(rows: list[dict]) -> str:
+  formatted = []
+  for r in rows:
+    if r.get("error"):
+      formatted.append({"model": r["model"], "mode": r["mode"], "framework": r["framework"],
+                        "img/s median (min-max)": "failed: " + r["error"][:80]})
+      continue
+    spread = harness.Spread(**r["img_per_s"])
+    ratios = [f"{k[9:]} {harness.Spread(**v).short()}" for k, v in r.items() if k.startswith("ratio_vs_")]
+    formatted.append({
+        "model": r["model"], "mode": r["mode"], "framework": r["framework"],
+        "img/s median (min-max)": spread.short(),
+        "fcnjax/torch": "; ".join(ratios),
+        "first step s": f"{r['first_step_s']:.1f}",
+        "compile s": "" if r.get("compile_s") is None else f"{r['compile_s']:.1f}",
+        "GFLOP/step": "" if not r.get("flops_per_step") else f"{r['flops_per_step'] / 1e9:.1f}",
+        "GFLOP/s": "" if r.get("achieved_gflops") is None else f"{r['achieved_gflops']:.0f}",
+        "% peak": "" if r.get("fraction_of_peak") is None else f"{100 * r['fraction_of_peak']:.0f}",
+        "peak MiB": harness.fmt_mb(r.get("memory_bytes")),
+        "parity": "" if "parity" not in r else f"{r['parity']['max_abs_diff']:.1e} / {r['parity']['max_abs_output']:.1e}",
+    })
+  columns = ["model", "mode", "framework", "img/s median (min-max)", "fcnjax/torch", "first step s", "compile s",
+             "GFLOP/step", "GFLOP/s", "% peak", "peak MiB", "parity"]
+  return harness.markdown_table(formatted, columns)
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  if args.probe_torch_memory:
+    probe_torch_memory(args)
+    return
+  threads = harness.pin_threads(args.threads)  # before the first jax computation starts XLA's thread pool
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  backend = jax.default_backend()
+  device = "cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu"
+  if (backend == "gpu") != (device == "cuda"):
+    raise SystemExit(f"jax runs on {backend} but torch on {device}: both frameworks must use the same device")
+  if device == "cuda":
+    torch.backends.cudnn.benchmark = True  # cuDNN picks its algorithms, as XLA autotunes its own
+    device_name = torch.cuda.get_device_name()
+    peak = harness.gpu_peak(device_name, args.dtype)
+  else:
+    torch.set_num_threads(threads)
+    device_name = jax.devices()[0].device_kind
+    peak = harness.cpu_peak(threads, args.cpu_ghz)
+  log = functools.partial(print, flush=True)
+  environment = {
+      "device": device, "device_name": device_name, "threads": threads, "torch_threads": torch.get_num_threads(),
+      "peak_gflops": peak.gflops, "peak_assumption": peak.assumption, "jax": jax.__version__,
+      "torch": torch.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
+  log(f"{device_name}: fcnjax (XLA) and torch both on {threads} threads" if device == "cpu" else device_name)
+  log(f"peak: {peak.assumption}")
+  rows = []
+  start = time.perf_counter()
+  for name in args.models:
+    rows += bench_model(args, name, device, peak, log)
+  log(f"\nbatch {args.batch}, {args.size}x{args.size}, {args.dtype}, {args.rounds} rounds x {args.steps} steps, "
+      f"{time.perf_counter() - start:.0f} s in all")
+  log(table(rows))
+  log("parity: max |fcnjax - torch| / max |torch| of the inference outputs on the same weights")
+  if args.out:
+    harness.write_json(args.out, {"args": vars(args), "environment": environment, "results": rows})
+    log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,243 @@
+"""What the benchmark scripts share: thread pinning, interleaved timing, robust statistics, device peaks, tables.
+
+Timing is interleaved: with contenders A and B, round 1 times A then B, round 2 B then A, and so on. Other load on
+a shared machine then slows both about equally within a round, and the median over rounds (with its min/max and
+quartiles) says how much the numbers moved. The ratio of two contenders is the median of the per-round ratios,
+which cancels slow drifts that a ratio of two medians would not.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from typing import Callable, Mapping, Sequence
+
+# --------------------------------------------------------------------------------------------------------------------
+# Threads
+
+
+def pin_threads(threads: int | None) -> int:
+  """Restricts this process to the first `threads` CPUs it may run on and returns the count it will use.
+
+  XLA:CPU sizes its Eigen thread pool by the affinity mask when its backend starts (the first jax computation),
+  so this must run before any; PyTorch's intra-op pool is set separately with torch.set_num_threads by the caller.
+  """
+  available = sorted(os.sched_getaffinity(0))
+  if not threads or threads >= len(available):
+    return len(available)
+  if threads < 1:
+    raise ValueError(f"--threads={threads} must be >= 1")
+  os.sched_setaffinity(0, set(available[:threads]))
+  return threads
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Statistics and interleaving
+
+
+@dataclasses.dataclass
+class Spread:
+  median: float
+  q1: float
+  q3: float
+  min: float
+  max: float
+  values: list[float]
+
+  @classmethod
+  def of(cls, values: Sequence[float]) -> "Spread":
+    values = [float(v) for v in values]
+    if not values:
+      raise ValueError("Spread.of: no values")
+    ordered = sorted(values)
+    if len(values) >= 2:
+      q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+    else:
+      q1 = q3 = ordered[0]
+    return cls(statistics.median(ordered), q1, q3, ordered[0], ordered[-1], values)
+
+  def short(self, fmt: str = "{:.2f}") -> str:
+    """'median (min-max)'."""
+    return f"{fmt.format(self.median)} ({fmt.format(self.min)}-{fmt.format(self.max)})"
+
+
+def interleave(contenders: Mapping[str, Callable[[int], float]], *, rounds: int, steps: int,
+               items_per_step: int, log: Callable[[str], None] = print) -> dict[str, list[float]]:
+  """Items per second of each contender in each round.
+
+  `contenders[name](n)` runs n steps, waits for them to finish and returns the elapsed seconds. Rounds alternate the
+  order (A B, B A, ...) so that neither contender always runs right after the other.
+  """
+  if rounds < 1 or steps < 1:
+    raise ValueError(f"rounds={rounds} and steps={steps} must both be >= 1")
+  names = list(contenders)
+  rates = {name: [] for name in names}
+  for r in range(rounds):
+    for name in (names if r % 2 == 0 else names[::-1]):
+      seconds = contenders[name](steps)
+      rates[name].append(items_per_step * steps / seconds)
+    log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {rates[n][-1]:.2f}/s" for n in names))
+  return rates
+
+
+def ratio(numerator: Sequence[float], denominator: Sequence[float]) -> Spread:
+  """Per-round ratios of two interleaved series."""
+  return Spread.of([a / b for a, b in zip(numerator, denominator)])
+
+
+def timed(fn: Callable[[], object]) -> tuple[object, float]:
+  start = time.perf_counter()
+  result = fn()
+  return result, time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Device peaks
+
+# Dense (no sparsity) peak TFLOP/s by device-name fragment: (fp32 on CUDA cores, tf32 tensor cores, bf16 tensor
+# cores), from NVIDIA's data sheets. Checked in this order, so 'H100 PCIe' wins over 'H100' and 'A100' over 'A10'.
+GPU_PEAK_TFLOPS = (
+    ("H200", (67.0, 494.7, 989.4)),
+    ("H100 PCIe", (51.2, 378.0, 756.0)),
+    ("H100", (67.0, 494.7, 989.4)),          # SXM ('NVIDIA H100 80GB HBM3')
+    ("A100", (19.5, 156.0, 312.0)),
+    ("L40S", (91.6, 183.0, 362.1)),
+    ("L4", (30.3, 60.0, 121.0)),
+    ("A10", (31.2, 62.5, 125.0)),
+    ("V100", (15.7, None, 125.0)),           # fp16 tensor cores; no tf32/bf16
+    ("T4", (8.1, None, 65.0)),
+    ("RTX 4090", (82.6, 82.6, 165.2)),
+)
+
+
+@dataclasses.dataclass
+class Peak:
+  gflops: float | None
+  assumption: str
+
+
+def _cpuinfo() -> dict[str, str]:
+  info = {}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if ":" in line:
+          key, value = (s.strip() for s in line.split(":", 1))
+          info.setdefault(key, value)
+  except OSError:
+    pass
+  return info
+
+
+def cpu_fp32_flops_per_cycle(info: Mapping[str, str]) -> tuple[int, str]:
+  """fp32 FLOP per cycle per core from the vector ISA: lanes x 2 (FMA) x FMA pipes."""
+  flags = set(info.get("flags", "").split())
+  vendor = info.get("vendor_id", "")
+  family = int(info.get("cpu family", "0") or 0)
+  if "avx512f" in flags:
+    if vendor == "AuthenticAMD" and family == 0x19:
+      return 32, "AVX-512 on Zen 4, which runs 512-bit FMAs as two 256-bit halves: 2 x 8 lanes x 2"
+    if vendor == "AuthenticAMD":
+      return 64, f"AVX-512 on AMD family {family:#x} (Zen 5 or later: two full-width 512-bit FMA pipes): 2 x 16 x 2"
+    return 64, "AVX-512 with two FMA units per core (Xeon Gold/Platinum; Silver/Bronze have one: half this)"
+  if "fma" in flags and "avx2" in flags:
+    return 32, "AVX2 with two 256-bit FMA units: 2 x 8 lanes x 2"
+  if "avx" in flags:
+    return 16, "AVX without FMA: one 8-lane add and one 8-lane multiply per cycle"
+  return 8, "SSE: 4-lane add and multiply per cycle"
+
+
+def cpu_peak(threads: int, ghz: float | None = None) -> Peak:
+  """Peak fp32 GFLOP/s of `threads` cores: cores x clock x FLOP/cycle. The clock is /proc/cpuinfo's 'cpu MHz' (the
+  nominal clock in a VM; turbo can be higher and all-core AVX-512 clocks lower) unless `ghz` is given."""
+  info = _cpuinfo()
+  per_cycle, why = cpu_fp32_flops_per_cycle(info)
+  if ghz is None:
+    mhz = float(info.get("cpu MHz", "0") or 0)
+    ghz = mhz / 1000 if mhz else None
+  name = info.get("model name", platform.processor() or "CPU")
+  if not ghz:
+    return Peak(None, f"{name}: clock unknown (pass --cpu_ghz)")
+  gflops = threads * ghz * per_cycle
+  return Peak(gflops, f"{name}: {threads} cores x {ghz:.2f} GHz x {per_cycle} fp32 FLOP/cycle ({why}) "
+                      f"= {gflops:.0f} GFLOP/s")
+
+
+def gpu_peak(device_name: str, dtype: str) -> Peak:
+  """Peak for `dtype` compute: float32 convolutions run on TF32 tensor cores by default in both frameworks (XLA's
+  default precision, torch.backends.cudnn.allow_tf32=True), so float32 is measured against the TF32 peak."""
+  for fragment, (fp32, tf32, bf16) in GPU_PEAK_TFLOPS:
+    if fragment.lower() in device_name.lower():
+      if dtype == "bfloat16":
+        return Peak(bf16 * 1e3, f"{device_name}: dense bf16 tensor-core peak {bf16} TFLOP/s")
+      if tf32 is None:
+        return Peak(fp32 * 1e3, f"{device_name}: fp32 peak {fp32} TFLOP/s (no TF32)")
+      return Peak(tf32 * 1e3, f"{device_name}: dense TF32 tensor-core peak {tf32} TFLOP/s (fp32 CUDA cores: {fp32})")
+  return Peak(None, f"{device_name}: not in benchmarks/harness.py GPU_PEAK_TFLOPS")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Output
+
+
+def markdown_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> str:
+  lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+  for row in rows:
+    lines.append("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
+  return "\n".join(lines)
+
+
+def write_json(path: str, payload: object) -> None:
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(payload, f, indent=2, default=_jsonable)
+    f.write("\n")
+
+
+def _jsonable(value):
+  if dataclasses.is_dataclass(value):
+    return dataclasses.asdict(value)
+  if hasattr(value, "tolist"):
+    return value.tolist()
+  return str(value)
+
+
+def fmt_mb(num_bytes: float | None) -> str:
+  return "" if num_bytes is None else f"{num_bytes / 2**20:.0f}"
+
+
+def rss_bytes() -> int:
+  """Current resident set size of this process (Linux)."""
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+  """Peak resident set size of this process's memory map (VmHWM), since it started or since reset_peak_rss().
+
+  Not getrusage's ru_maxrss: Linux carries that across exec, so a child process would report its parent's peak.
+  """
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) * 1024
+  raise OSError("no VmHWM in /proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+  """Sets VmHWM back to the current RSS (Linux >= 4.0); False where that is not allowed."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def sanitize(name: str) -> str:
+  return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)

@@ -1,0 +1,20 @@
+"""torchvision state_dict -> Flax variables. `conversions/convert_torchvision.py` is the command-line front end."""
+from __future__ import annotations
+
+import importlib
+
+from fcnjax.conversion.common import ConversionError, load_state_dict  # noqa: F401
+
+# torchvision architecture -> (converter "module:function", fcnjax model it produces variables for)
+CONVERTERS = {
+    "vgg16": ("fcnjax.conversion.vgg:convert_vgg16", "vgg16"),
+    "resnet50": ("fcnjax.conversion.resnet:convert_resnet50", "resnet50"),
+    "fcn_resnet50": ("fcnjax.conversion.resnet:convert_fcn_resnet50", "fcn_resnet50"),
+}
+
+
+def get_converter(arch: str):
+  if arch not in CONVERTERS:
+    raise ValueError(f"unknown architecture {arch!r}; the converter knows {', '.join(sorted(CONVERTERS))}")
+  module_name, attr = CONVERTERS[arch][0].split(":")
+  return getattr(importlib.import_module(module_name), attr)

@@ -1,0 +1,188 @@
+"""Segmentation data in folders: finding image/mask pairs for each layout, and reading them.
+
+Layouts (data.layout):
+  'liver'        NNN.png + NNN_mask.png side by side, in train/ and val/ subfolders (the liver U-Net tutorial) or
+                 directly in root.
+  'images_masks' images/ + masks/ with matching file stems (mask extension may differ), in train/ and val/
+                 subfolders or directly in root.
+  'pet'          the raw Oxford-IIIT Pet archives: images/*.jpg, annotations/trimaps/*.png, and the split lists
+                 annotations/trainval.txt (train) and annotations/test.txt (validation).
+  'auto'         the first of 'pet', 'images_masks', 'liver' whose folders are present.
+
+Where a layout has no split (no train/ val/ subfolders), the images are sorted by path and the LAST n go to
+validation, n = data.val_count, or round(data.val_fraction * count) when val_count is 0 (at least 1). A contiguous
+held-out block suits slice stacks (EM, CT), where neighbouring slices are near-copies of each other, and it does
+not move when masks are fixed or files are skipped.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from fcnjax.data import io
+from fcnjax.data.labels import LabelSpec
+
+TRAIN_DIRS = ("train", "training")
+VAL_DIRS = ("val", "validation", "valid")
+MASK_SUFFIX = "_mask"
+
+
+class FolderPairs:
+  """Random-access sequence of {'image', 'mask'} read from (image path, mask path) pairs."""
+
+  def __init__(self, pairs: Sequence[tuple[str, str]], labels: LabelSpec):
+    self.pairs, self.labels = list(pairs), labels
+
+  def __len__(self) -> int:
+    return len(self.pairs)
+
+  def name(self, index: int) -> str:
+    return self.pairs[index][0]
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    image_path, mask_path = self.pairs[int(index)]
+    image = io.read_image(image_path)
+    mask = self.labels.decode(io.read_mask_values(mask_path), mask_path)
+    check_same_size(image_path, image.shape[:2], mask_path, mask.shape)
+    return {"image": image, "mask": mask}
+
+
+def check_same_size(image_path: str, image_hw, mask_path: str, mask_hw) -> None:
+  if tuple(image_hw) != tuple(mask_hw):
+    raise io.BadFileError(mask_path, f"mask is {mask_hw[0]}x{mask_hw[1]} but its image {image_path} is "
+                                     f"{image_hw[0]}x{image_hw[1]} (height x width)")
+
+
+def _images_in(folder: Path) -> list[str]:
+  images = io.list_images(folder)
+  if not images:
+    raise FileNotFoundError(f"{folder}: empty folder, no image files ({', '.join(io.IMAGE_EXTENSIONS)})")
+  return images
+
+
+def _subfolder(root: Path, names: Sequence[str]) -> Path | None:
+  for name in names:
+    if (root / name).is_dir():
+      return root / name
+  return None
+
+
+def detect_layout(root: str | os.PathLike) -> str:
+  root = Path(root)
+  if not root.is_dir():
+    raise FileNotFoundError(f"data root {root}: no such folder")
+  if (root / "annotations" / "trimaps").is_dir():
+    return "pet"
+  for base in (root, _subfolder(root, TRAIN_DIRS)):
+    if base is not None and (base / "images").is_dir() and (base / "masks").is_dir():
+      return "images_masks"
+  for base in (root, _subfolder(root, TRAIN_DIRS)):
+    if base is not None and base.is_dir() and any(Path(p).stem.endswith(MASK_SUFFIX) for p in io.list_images(base)):
+      return "liver"
+  raise FileNotFoundError(
+      f"data root {root}: cannot tell its layout; expected annotations/trimaps/ (pet), images/ + masks/ "
+      f"(images_masks) or NNN.png + NNN{MASK_SUFFIX}.png files (liver), directly or in a train/ subfolder; "
+      "set data.layout")
+
+
+def held_out_count(num_images: int, val_count: int, val_fraction: float) -> int:
+  if val_count > 0:
+    n = val_count
+  elif val_fraction > 0:
+    n = max(1, round(val_fraction * num_images))
+  else:
+    n = 0
+  if n >= num_images:
+    raise ValueError(f"{num_images} images cannot give {n} validation images and still leave some for training; "
+                     "lower data.val_count / data.val_fraction")
+  return n
+
+
+def _split_off(images: list[str], split: str, val_count: int, val_fraction: float) -> list[str]:
+  images = sorted(images)
+  n = held_out_count(len(images), val_count, val_fraction)
+  if split == "train":
+    return images[:len(images) - n]
+  if n == 0:
+    raise ValueError("no validation images: set data.val_count or data.val_fraction (the folder has no split)")
+  return images[len(images) - n:]
+
+
+def _find_mask(folder: Path, stem: str) -> str | None:
+  for ext in (".png",) + io.IMAGE_EXTENSIONS:
+    candidate = folder / (stem + ext)
+    if candidate.is_file():
+      return str(candidate)
+  return None
+
+
+def _split_folder(root: Path, split: str) -> Path | None:
+  """root/train or root/val (by any of their usual names) when the layout ships its own split."""
+  if _subfolder(root, TRAIN_DIRS) is None:
+    return None
+  folder = _subfolder(root, TRAIN_DIRS if split == "train" else VAL_DIRS)
+  if folder is None:
+    raise FileNotFoundError(f"{root}: has a train folder but no {'/'.join(VAL_DIRS)} folder for validation")
+  return folder
+
+
+def _liver_pairs(root: Path, split: str, val_count: int, val_fraction: float):
+  folder = _split_folder(root, split)
+  images = [p for p in _images_in(folder or root) if not Path(p).stem.endswith(MASK_SUFFIX)]
+  if not images:
+    raise FileNotFoundError(f"{folder or root}: only mask files (*{MASK_SUFFIX}.*), no images")
+  if folder is None:
+    images = _split_off(images, split, val_count, val_fraction)
+  return [(p, _find_mask(Path(p).parent, Path(p).stem + MASK_SUFFIX)) for p in images]
+
+
+def _images_masks_pairs(root: Path, split: str, val_count: int, val_fraction: float):
+  folder = _split_folder(root, split)
+  base = folder or root
+  for sub in ("images", "masks"):
+    if not (base / sub).is_dir():
+      raise FileNotFoundError(f"{base / sub}: no such folder (layout images_masks)")
+  images = _images_in(base / "images")
+  if folder is None:
+    images = _split_off(images, split, val_count, val_fraction)
+  return [(p, _find_mask(base / "masks", Path(p).stem)) for p in images]
+
+
+def _pet_pairs(root: Path, split: str):
+  list_file = root / "annotations" / ("trainval.txt" if split == "train" else "test.txt")
+  if not list_file.is_file():
+    raise FileNotFoundError(f"{list_file}: missing; the pet layout takes its split from annotations/trainval.txt "
+                            "and annotations/test.txt")
+  # Lines are 'Abyssinian_100 1 1 1' (name, class id, species, breed id); '#' lines are comments.
+  names = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip() and not line.startswith("#")]
+  if not names:
+    raise FileNotFoundError(f"{list_file}: lists no images")
+  pairs = []
+  for name in names:
+    image = root / "images" / f"{name}.jpg"
+    if not image.is_file():
+      raise FileNotFoundError(f"{image}: listed in {list_file} but missing")
+    mask = root / "annotations" / "trimaps" / f"{name}.png"
+    pairs.append((str(image), str(mask) if mask.is_file() else None))
+  return pairs
+
+
+def find_pairs(root: str | os.PathLike, layout: str, split: str, *, val_count: int = 0,
+               val_fraction: float = 0.1) -> list[tuple[str, str | None]]:
+  """(image, mask) paths of one split, in a fixed order; mask is None where the image has no mask."""
+  if split not in ("train", "validation"):
+    raise ValueError(f"folder split {split!r}; expected 'train' or 'validation'")
+  root = Path(root)
+  if not root.is_dir():
+    raise FileNotFoundError(f"data root {root}: no such folder")
+  layout = detect_layout(root) if layout == "auto" else layout
+  if layout == "liver":
+    return _liver_pairs(root, split, val_count, val_fraction)
+  if layout == "images_masks":
+    return _images_masks_pairs(root, split, val_count, val_fraction)
+  if layout == "pet":
+    return _pet_pairs(root, split)
+  raise ValueError(f"data.layout={layout!r}; expected auto, liver, images_masks or pet")

@@ -1,0 +1,71 @@
+"""Data parallelism through jax.sharding: one mesh axis 'data' over every device of every host.
+
+Parameters and optimiser state are replicated; each batch is sharded on its leading axis. jit partitions the step
+from these shardings, so the same code runs on 1 CPU, 8 fake CPU devices, one GPU host or many hosts.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+def initialize_distributed() -> None:
+  """Calls jax.distributed.initialize when launched as one of several processes.
+
+  On TPU pods, SLURM and Open MPI, JAX finds the coordinator by itself; elsewhere set JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID (see the README). A single process needs nothing.
+  """
+  env = os.environ
+  if "JAX_COORDINATOR_ADDRESS" in env:
+    jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                               num_processes=int(env["JAX_NUM_PROCESSES"]),
+                               process_id=int(env["JAX_PROCESS_ID"]))
+  elif any(k in env for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")):
+    if int(env.get("SLURM_NTASKS", env.get("OMPI_COMM_WORLD_SIZE", "2"))) > 1:
+      jax.distributed.initialize()
+  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+
+
+def quiet_logging() -> None:
+  """Orbax and JAX log every checkpoint step at INFO; keep the console to the progress bar unless --verbosity."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
+
+def make_mesh() -> Mesh:
+  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def check_batch_size(global_batch_size: int, what: str = "train.batch_size") -> None:
+  devices, processes = jax.device_count(), jax.process_count()
+  if global_batch_size % devices:
+    raise ValueError(f"{what}={global_batch_size} must be divisible by the number of devices ({devices}); "
+                     f"use a multiple of {devices}")
+  if global_batch_size % processes:
+    raise ValueError(f"{what}={global_batch_size} must be divisible by the number of processes ({processes})")
+
+
+def to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """Assembles each process's share of a batch into global arrays sharded over the mesh."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  return jax.device_put(tree, replicated(mesh))

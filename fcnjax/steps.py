@@ -1,0 +1,91 @@
+"""Train state and the pure, jittable train/eval steps: (state, batch) -> (state, metrics)."""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax.training import train_state
+
+from fcnjax import layers, losses, metrics
+
+
+class TrainState(train_state.TrainState):
+  """Params, optimiser state and step (from flax), plus BatchNorm statistics and the run's base RNG key.
+
+  Per-step randomness is fold_in(rng, step), so a resumed run draws the same dropout masks as an uninterrupted one.
+  """
+  batch_stats: Any
+  rng: jax.Array
+
+
+def model_variables(params, batch_stats) -> dict:
+  return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+
+
+def init_variables(model: nn.Module, rng: jax.Array, image_shape: tuple[int, ...]) -> dict:
+  dummy = jnp.zeros((1, *image_shape), jnp.float32)
+  return flax.core.unfreeze(jax.jit(functools.partial(model.init, train=False))({"params": rng}, dummy))
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, variables: dict,
+                       rng: jax.Array) -> TrainState:
+  return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                           batch_stats=variables.get("batch_stats", {}), rng=rng)
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def train_step(state: TrainState, batch: dict, *, loss_config: ml_collections.ConfigDict,
+               learning_rate_fn: Callable[[jax.Array], jax.Array], skip_nonfinite: bool = False
+               ) -> tuple[TrainState, dict]:
+  """One optimiser step on a (sharded) global batch.
+
+  With skip_nonfinite, a step whose loss or gradients are NaN/Inf leaves params, optimiser and BatchNorm state as
+  they were (the step counter still advances so the data order stays that of an uninterrupted run).
+  """
+  dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+  def loss_fn(params):
+    outputs, new_model_state = state.apply_fn(
+        model_variables(params, state.batch_stats), batch["image"], train=True,
+        rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
+    loss, parts = losses.segmentation_loss(outputs, batch["mask"], loss_config, weights=batch.get("weight"))
+    return loss, (parts, new_model_state)
+
+  (loss, (parts, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  new_state = state.apply_gradients(grads=grads, batch_stats=new_model_state.get("batch_stats", state.batch_stats))
+  finite = jnp.isfinite(loss) & _all_finite(grads)
+  if skip_nonfinite:
+    kept = state.replace(step=new_state.step)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, kept)
+  step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "finite": finite,
+                  "learning_rate": learning_rate_fn(state.step), **parts}
+  return new_state, step_metrics
+
+
+def eval_step(variables: dict, batch: dict, *, apply_fn: Callable, num_classes: int, ignore_index: int) -> jax.Array:
+  """Confusion matrix of one batch, scored at each mask's original resolution.
+
+  Logits are resized bilinearly (as torchvision's reference does) to each image's own original size inside the
+  mask canvas before the argmax; canvas pixels outside the image carry the ignore index.
+  """
+  logits = apply_fn(variables, batch["image"], train=False)["out"]
+  canvas = batch["mask"].shape[1:3]
+  logits = layers.resize_bilinear_to_sizes(logits.astype(jnp.float32), batch["size"], canvas)
+  predictions = metrics.predictions(logits)
+  # Binary models are scored as two classes (background, foreground).
+  return metrics.confusion_matrix(predictions, batch["mask"], max(num_classes, 2), ignore_index,
+                                  valid=batch.get("valid"))
+
+
+def predict_step(variables: dict, images: jax.Array, *, apply_fn: Callable) -> jax.Array:
+  """Logits ('out') of the model for a batch of normalised images, in float32."""
+  return apply_fn(variables, images, train=False)["out"].astype(jnp.float32)

@@ -1,0 +1,25 @@
+"""Shared test settings. The suite runs on one CPU device; multi-device checks start subprocesses with
+XLA_FLAGS=--xla_force_host_platform_device_count=N so this process keeps its single device."""
+import os
+import pathlib
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> pathlib.Path:
+  """../shared/data (real ISBI 2012 EM slices and a liver CT pair); tests needing it skip when it is absent."""
+  if not SHARED_DATA.is_dir():
+    pytest.skip(f"{SHARED_DATA} not present")
+  return SHARED_DATA
+
+
+def subprocess_env(num_devices: int = 1, **extra: str) -> dict[str, str]:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+  env.update(extra)
+  return env

@@ -1,0 +1,262 @@
+"""Shared by the reliability tests: a tiny experiment config for the command line, and `python -m fcnjax.train`
+run as a real subprocess (so that bad input, signals and kills meet the program a user runs).
+
+This file is also the experiment config those subprocesses load: `--config tests/reliability_helpers.py` calls
+get_config() below, so it must import nothing from the test suite at module level.
+
+Subprocesses share one persistent XLA compilation cache per pytest session: the tiny U-Net's init takes most of a
+run's time to compile on a CPU, and every run after the first loads it from the cache instead.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+from fcnjax.config import base_config
+
+HERE = pathlib.Path(__file__).resolve().parent
+REPO_ROOT = HERE.parent
+CONFIG = str(HERE / "reliability_helpers.py")
+TIMEOUT = 240  # seconds for one subprocess; a hang fails the test instead of stalling CI
+
+
+def get_config():
+  """test_train.tiny_config as a config file: a U-Net that trains a step in milliseconds on a CPU, with a
+  checkpoint at every step (so that kills often land in the middle of a checkpoint write)."""
+  config = base_config(model=dict(name="unet", num_classes=4, base_width=4, depth=2))
+  config.data.source = "synthetic"
+  config.data.num_classes = 4
+  config.data.image_size = 32
+  config.data.synthetic_train_examples = 64
+  config.data.synthetic_val_examples = 16
+  config.data.read_threads = 1
+  config.loss.name = "cross_entropy"
+  config.optim.optimizer = "adam"
+  config.optim.learning_rate = 3e-3
+  config.optim.schedule = "constant"
+  config.train.batch_size = 8
+  config.train.num_steps = 8
+  config.train.log_every = 1
+  config.train.eval_every = 4
+  config.train.checkpoint_every = 1
+  config.train.keep_checkpoints = 2
+  config.train.progress = False
+  config.eval.batch_size = 8
+  return config
+
+
+def use_session_compile_cache(tmp_path_factory) -> None:
+  """Points every subprocess of this pytest session at one XLA cache (pytest's basetemp is per session)."""
+  os.environ.setdefault("FCNJAX_TEST_COMPILE_CACHE", str(tmp_path_factory.getbasetemp() / "xla-cache"))
+
+
+def compile_cache_dir() -> str:
+  return os.environ.get("FCNJAX_TEST_COMPILE_CACHE") or os.path.join("/tmp", f"fcnjax-xla-cache-{os.getuid()}")
+
+
+def env(num_devices: int = 1, **extra: str) -> dict[str, str]:
+  environ = dict(os.environ)
+  environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(HERE), environ.get("PYTHONPATH", "")])
+  environ["JAX_PLATFORMS"] = "cpu"
+  environ["JAX_COMPILATION_CACHE_DIR"] = compile_cache_dir()
+  environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  environ.update(extra)
+  return environ
+
+
+def train_command(workdir, *overrides: str, inject: str | None = None) -> list[str]:
+  """`python -m fcnjax.train --config <tiny> --workdir W --config.k=v ...`; with `inject`, the same entry point run
+  after `import reliability_faults; reliability_faults.<inject>` has patched in a fault."""
+  args = [f"--config={CONFIG}", f"--workdir={workdir}", *overrides]
+  if inject is None:
+    return [sys.executable, "-m", "fcnjax.train", *args]
+  script = ("import sys, reliability_helpers as h; h.install_fault(sys.argv.pop(1)); "
+            "from absl import app; from fcnjax import train; app.run(train.main)")
+  return [sys.executable, "-c", script, inject, *args]
+
+
+def run_train(workdir, *overrides: str, inject: str | None = None, num_devices: int = 1, timeout: float = TIMEOUT,
+              extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+  return subprocess.run(train_command(workdir, *overrides, inject=inject), env=env(num_devices, **(extra_env or {})),
+                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def start_train(workdir, *overrides: str, inject: str | None = None, num_devices: int = 1,
+                extra_env: dict[str, str] | None = None, log=None) -> subprocess.Popen:
+  out = log if log is not None else subprocess.DEVNULL
+  return subprocess.Popen(train_command(workdir, *overrides, inject=inject), env=env(num_devices, **(extra_env or {})),
+                          cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(predicate, process: subprocess.Popen | None = None, timeout: float = TIMEOUT, poll: float = 0.005):
+  """Polls until predicate() is truthy; fails if `process` exits first or time runs out."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    value = predicate()
+    if value:
+      return value
+    if process is not None and process.poll() is not None:
+      raise AssertionError(f"process exited with {process.returncode} before the awaited event")
+    time.sleep(poll)
+  raise AssertionError("timed out waiting for the training process")
+
+
+def metrics(workdir) -> list[dict]:
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return []
+  lines = path.read_text().splitlines()
+  # A line being appended while we read is incomplete: ignore a trailing partial line.
+  return [json.loads(line) for line in lines if line.strip().endswith("}")]
+
+
+def train_records(workdir) -> list[dict]:
+  return [r for r in metrics(workdir) if r["kind"] == "train"]
+
+
+def step_dirs(directory) -> dict[str, list[str]]:
+  """{'complete': step directories orbax treats as finished, 'partial': its temporary (unfinished) ones}."""
+  directory = pathlib.Path(directory)
+  names = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+  return {"complete": [n for n in names if n.isdigit()],
+          "partial": [n for n in names if ".orbax-checkpoint-tmp" in n]}
+
+
+def tree_digest(directory) -> dict[str, str]:
+  """sha256 of every file under `directory`, by relative path: proves a failed run left a workdir untouched."""
+  directory = pathlib.Path(directory)
+  return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def read_state(directory, step: int) -> dict:
+  """The saved train state of one step, restored read-only (opening a manager read-only cleans nothing up, so the
+  directory is inspected exactly as a kill left it)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "model"),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                               model=ocp.args.JsonRestore()))
+  finally:
+    manager.close()
+  return {"state": restored["state"], "model": restored["model"]}
+
+
+def params_of(directory, step: int):
+  return read_state(directory, step)["state"]["params"]
+
+
+def max_abs_diff(a, b) -> float:
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), a, b)))
+
+
+def all_finite(tree) -> bool:
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree))
+
+
+# Faults installed in a training subprocess before fcnjax.train runs (train_command(inject=...)).
+
+def install_fault(spec: str) -> None:
+  """'NAME:ARG', one of
+    nan_at_step:K          NaN in the images of this process's K-th training batch
+    oom_at_step:K          XLA's RESOURCE_EXHAUSTED error raised at this process's K-th training batch
+    kill_in_delete:N       SIGKILL right after the N-th file deletion under a checkpoints/ folder (the removal of an
+                           old step, half done)
+    kill_before_rename:D[,W]  SIGKILL when orbax is about to rename a finished temporary step into D (a path
+                           relative to the workdir, e.g. checkpoints/4), once W (e.g. best/4) exists if given: the
+                           step is fully written, commit_success.txt included, but not committed
+  """
+  name, _, arg = spec.partition(":")
+  faults = {"nan_at_step": _nan_at_step, "oom_at_step": _oom_at_step, "kill_in_delete": _kill_in_delete,
+            "kill_before_rename": _kill_before_rename}
+  faults[name](arg)
+
+
+def _train_batches_counter(transform):
+  """Wraps parallel.to_global so that `transform(call_number, batch)` sees every training batch (eval batches carry
+  'valid' and pass through untouched)."""
+  from fcnjax import parallel  # pylint: disable=g-import-not-at-top
+  original, calls = parallel.to_global, [0]
+
+  def to_global(batch, sharding):
+    if "valid" not in batch:
+      calls[0] += 1
+      batch = transform(calls[0], batch)
+    return original(batch, sharding)
+
+  parallel.to_global = to_global
+
+
+def _nan_at_step(step: str) -> None:
+  step = int(step)
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  def poison(call, batch):
+    # A resumed run starts counting at its first step, so the fault fires once per process, at its step-th batch.
+    if call == step:
+      batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+    return batch
+
+  _train_batches_counter(poison)
+
+
+def _oom_at_step(step: str) -> None:
+  step = int(step)
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def fail(call, batch):
+    if call == step:
+      raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123456789 bytes.")
+    return batch
+
+  _train_batches_counter(fail)
+
+
+def _kill_in_delete(after_files: str) -> None:
+  """Every file deletion under a checkpoints/ directory counts; the after_files-th one is followed by SIGKILL."""
+  after_files = int(after_files)
+  original, count = os.unlink, [0]
+
+  def unlink(path, *args, **kwargs):
+    result = original(path, *args, **kwargs)
+    dir_fd = kwargs.get("dir_fd")
+    where = os.readlink(f"/proc/self/fd/{dir_fd}") if dir_fd is not None else os.fspath(path)
+    if f"{os.sep}checkpoints{os.sep}" in where + os.sep:
+      count[0] += 1
+      if count[0] == after_files:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+
+  os.unlink = unlink
+  os.remove = unlink
+
+
+def _kill_before_rename(arg: str) -> None:
+  from orbax.checkpoint._src.path import async_path  # pylint: disable=g-import-not-at-top
+  target, _, wait_for = arg.partition(",")
+  original = async_path.rename
+
+  async def rename(src, dst):
+    dst_path = pathlib.Path(os.fspath(dst))
+    if dst_path.parts[-len(pathlib.Path(target).parts):] == pathlib.Path(target).parts:
+      workdir = dst_path.parents[len(pathlib.Path(target).parts) - 1]
+      deadline = time.monotonic() + 60
+      while wait_for and not (workdir / wait_for).is_dir() and time.monotonic() < deadline:
+        time.sleep(0.01)
+      os.kill(os.getpid(), signal.SIGKILL)
+    return await original(src, dst)
+
+  async_path.rename = rename

@@ -1,0 +1,198 @@
+"""End-to-end training: learning happens, resume is exact, data parallelism changes nothing, every experiment runs."""
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO_ROOT, subprocess_env
+from fcnjax import checkpoint, reporting, train
+from fcnjax.config import base_config
+
+
+def tiny_config(num_steps: int = 8, **train_overrides):
+  """A U-Net small enough to train for a few steps in seconds on a CPU."""
+  config = base_config(model=dict(name="unet", num_classes=4, base_width=4, depth=2))
+  config.data.source = "synthetic"
+  config.data.num_classes = 4
+  config.data.image_size = 32
+  config.data.synthetic_train_examples = 64
+  config.data.synthetic_val_examples = 16
+  config.loss.name = "cross_entropy"
+  config.optim.optimizer = "adam"
+  config.optim.learning_rate = 3e-3
+  config.optim.schedule = "constant"
+  config.train.batch_size = 8
+  config.train.num_steps = num_steps
+  config.train.log_every = 1
+  config.train.progress = False
+  config.eval.batch_size = 8
+  for key, value in train_overrides.items():
+    config.train[key] = value
+  return config
+
+
+def final_params(workdir):
+  config = train_config_of(workdir)
+  ckpts = checkpoint.Checkpoints(str(workdir))
+  variables, step = ckpts.restore_variables(checkpoint.model_record(config), which="latest")
+  ckpts.close()
+  return variables, step
+
+
+def train_config_of(workdir):
+  import ml_collections
+  with open(os.path.join(workdir, "config.json")) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def train_losses(workdir):
+  return {r["step"]: r["loss"] for r in reporting.read_metrics(str(workdir)) if r["kind"] == "train"}
+
+
+def test_loss_falls_and_miou_rises(tmp_path):
+  config = tiny_config(num_steps=80, log_every=10, eval_every=20)
+  config.model.base_width = 8
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  losses = train_losses(tmp_path)
+  evals = [r for r in reporting.read_metrics(str(tmp_path)) if r["kind"] == "eval"]
+  assert losses[80] < 0.6 * losses[10], losses
+  assert [r["step"] for r in evals] == [20, 40, 60, 80]
+  assert evals[-1]["miou"] > evals[0]["miou"] + 0.05, evals
+  assert summary["miou"] == pytest.approx(evals[-1]["miou"])
+  assert (tmp_path / "curves.png").exists()
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+  """Three runs of 3 + 3 + 2 steps reach the parameters of one run of 8 steps (same data, RNG, schedule)."""
+  config = tiny_config(num_steps=8)
+  config.optim.schedule = "cosine"  # the schedule must continue where it stopped, too
+  train.train_and_evaluate(config, str(tmp_path / "whole"))
+  config.train.max_steps_per_run = 3
+  for expected_stop in (3, 6):
+    summary = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert summary["interrupted_at"] == expected_stop
+  train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  (whole, whole_step), (resumed, resumed_step) = final_params(tmp_path / "whole"), final_params(tmp_path / "resumed")
+  assert whole_step == resumed_step == 8
+  diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), whole, resumed))
+  assert max(diffs) <= 1e-6, f"resumed run differs from uninterrupted run by {max(diffs)}"
+  assert train_losses(tmp_path / "whole") == pytest.approx(train_losses(tmp_path / "resumed"), rel=1e-5)
+
+
+DEVICE_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import jax
+from test_train import tiny_config
+from fcnjax import train, reporting
+assert jax.device_count() == {devices}, jax.devices()
+config = tiny_config(num_steps=6)
+train.train_and_evaluate(config, {workdir!r})
+losses = [r["loss"] for r in reporting.read_metrics({workdir!r}) if r["kind"] == "train"]
+print("LOSSES", json.dumps(losses))
+"""
+
+
+def _losses_on(devices, workdir):
+  script = DEVICE_SCRIPT.format(tests=str(REPO_ROOT / "tests"), devices=devices, workdir=str(workdir))
+  result = subprocess.run([sys.executable, "-c", script], env=subprocess_env(devices), capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  line = [l for l in result.stdout.splitlines() if l.startswith("LOSSES")][-1]
+  return json.loads(line.split(" ", 1)[1])
+
+
+def test_one_device_equals_eight_devices(tmp_path):
+  """The batch sharded over 8 (fake CPU) devices gives the loss curve of 1 device: BatchNorm and the loss see the
+  global batch either way."""
+  one, eight = _losses_on(1, tmp_path / "one"), _losses_on(8, tmp_path / "eight")
+  assert len(one) == len(eight) == 6
+  np.testing.assert_allclose(eight, one, rtol=1e-4)
+
+
+def _load_experiment(path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+EXPERIMENTS = sorted((REPO_ROOT / "experiments").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_experiment_config_runs_one_step(path, tmp_path):
+  """Each experiment's model, loss and optimiser train one step; the data is swapped for tiny synthetic data with
+  the experiment's number of classes (the real sets are tested in the data tests)."""
+  config = _load_experiment(path)
+  from fcnjax import data
+  num_classes = data.dataset_info(config.data).num_classes if config.data.source != "folder" else (
+      2 if config.data.mask_mode == "binary" else config.data.num_classes)
+  binary = config.data.binary or config.data.mask_mode == "binary"
+  config.data = data.default_config()
+  config.data.source = "synthetic"
+  config.data.num_classes = max(num_classes, 2)
+  config.data.binary = binary
+  config.data.image_size = 32
+  config.data.synthetic_train_examples = 4
+  config.data.synthetic_val_examples = 2
+  config.model.pretrained = ""
+  config.train.batch_size = 2
+  config.train.num_steps = 1
+  config.train.progress = False
+  config.train.num_predictions = 0
+  config.eval.batch_size = 2
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert 0.0 <= summary["miou"] <= 1.0
+  assert np.isfinite(train_losses(tmp_path)[1])
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("run")
+  config = tiny_config(num_steps=4)
+  config.train.num_predictions = 2
+  train.train_and_evaluate(config, str(workdir))
+  return workdir
+
+
+def test_training_writes_predictions(trained_workdir):
+  panels = sorted((trained_workdir / "predictions").glob("*_panel.png"))
+  assert len(panels) == 2
+  # image | prediction | ground truth with 4-pixel gaps
+  assert Image.open(panels[0]).size == (3 * 32 + 2 * 4, 32)
+
+
+def test_evaluate_cli_prints_table(trained_workdir):
+  result = subprocess.run([sys.executable, "-m", "fcnjax.evaluate", f"--workdir={trained_workdir}",
+                           "--checkpoint=latest"], env=subprocess_env(1), capture_output=True, text=True,
+                          timeout=300, cwd=REPO_ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  for name in ("background", "circle", "rectangle", "triangle"):
+    assert name in result.stdout
+  record = json.loads((trained_workdir / "evaluation.json").read_text())
+  assert 0.0 <= record["miou"] <= 1.0 and record["step"] == 4
+
+
+def test_predict_cli_writes_pngs(trained_workdir, tmp_path):
+  images = tmp_path / "images"
+  images.mkdir()
+  rng = np.random.default_rng(0)
+  for name, size in (("a", (40, 52)), ("b", (31, 17))):  # sizes other than the training size
+    Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(images / f"{name}.png")
+  out = tmp_path / "out"
+  result = subprocess.run([sys.executable, "-m", "fcnjax.predict", f"--workdir={trained_workdir}",
+                           f"--images={images}", f"--out={out}", "--checkpoint=latest"],
+                          env=subprocess_env(1), capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  mask = Image.open(out / "b_mask.png")
+  assert mask.size == (17, 31) and mask.mode == "P"
+  assert Image.open(out / "a_overlay.png").size == (52, 40)
+  assert Image.open(out / "a_panel.png").size == (2 * 52 + 4, 40)
