@@ -37,11 +37,13 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, Callable
 
 import numpy as np
 
-from benchmarks import harness
+if __package__ in (None, ""):  # run as a file (python benchmarks/compare_torch.py): make `benchmarks` importable
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import harness  # noqa: E402 pylint: disable=g-import-not-at-top
 
 MODELS = ("fcn8s", "unet", "fcn_resnet50")
 MODES = ("train", "infer")
@@ -57,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--size", type=int, default=224, help="square input size")
   p.add_argument("--num_classes", type=int, default=21)
-  p.add_argument("--steps", type=int, default=2, help="timed steps per framework per round")
+  p.add_argument("--steps", type=int, default=1, help="timed steps per framework per round")
   p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
   p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
   p.add_argument("--threads", type=int, default=0, help="CPU threads for both frameworks (0 = all allowed cores)")
@@ -161,7 +163,7 @@ class RunnerInfo:
 class FcnjaxTrain:
   """fcnjax's jitted, donating train step; `apply_fn` replaces model.apply (benchmarks/train_step_variants.py)."""
 
-  def __init__(self, name: str, model, variables: dict, images: np.ndarray, masks: np.ndarray, apply_fn=None):
+  def __init__(self, model, variables: dict, images: np.ndarray, masks: np.ndarray, apply_fn=None):
     import jax  # pylint: disable=g-import-not-at-top
     from fcnjax import losses, optim, steps  # pylint: disable=g-import-not-at-top
     self.jax = jax
@@ -329,7 +331,8 @@ def torch_cpu_memory(args, name: str, mode: str) -> tuple[int | None, str]:
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   done = subprocess.run(command, capture_output=True, text=True, cwd=root, check=False)
   try:
-    return json.loads(done.stdout.strip().splitlines()[-1])["bytes"], "peak RSS of a torch-only process - RSS before model"
+    peak = json.loads(done.stdout.strip().splitlines()[-1])["bytes"]
+    return peak, "peak RSS of a torch-only process - RSS before model"
   except (IndexError, KeyError, ValueError):
     return None, f"probe failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}"
 
@@ -370,7 +373,7 @@ def bench_model(args, name: str, device: str, peak: harness.Peak, log) -> list[d
   for mode in args.modes:
     log(f"{name} {mode}: compiling / first steps")
     if mode == "train":
-      ours = FcnjaxTrain(name, model, jax.tree.map(np.copy, variables), images, masks)
+      ours = FcnjaxTrain(model, jax.tree.map(np.copy, variables), images, masks)
     else:
       ours = FcnjaxInfer(model, variables, images)
     # Train runners update the weights; each torch runner gets its own copy so modes do not see each other's steps.
@@ -437,7 +440,8 @@ def table(rows: list[dict]) -> str:
         "GFLOP/s": "" if r.get("achieved_gflops") is None else f"{r['achieved_gflops']:.0f}",
         "% peak": "" if r.get("fraction_of_peak") is None else f"{100 * r['fraction_of_peak']:.0f}",
         "peak MiB": harness.fmt_mb(r.get("memory_bytes")),
-        "parity": "" if "parity" not in r else f"{r['parity']['max_abs_diff']:.1e} / {r['parity']['max_abs_output']:.1e}",
+        "parity": ("" if "parity" not in r
+                   else f"{r['parity']['max_abs_diff']:.1e} / {r['parity']['max_abs_output']:.1e}"),
     })
   columns = ["model", "mode", "framework", "img/s median (min-max)", "fcnjax/torch", "first step s", "compile s",
              "GFLOP/step", "GFLOP/s", "% peak", "peak MiB", "parity"]

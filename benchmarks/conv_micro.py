@@ -7,8 +7,9 @@ Why: a train step is a forward convolution, an input-gradient and a weight-gradi
 XLA:CPU the three do not cost the same. Timing them one by one says which one to work on.
 
 conv cases time, per layer: fwd (y = conv(x, w)), d_input (the vjp's x-cotangent alone) and d_weight (the
-w-cotangent alone), for XLA with NHWC/HWIO dimension numbers (fcnjax's) and with NCHW/OIHW ones, and for PyTorch
-(aten.convolution_backward with one output mask at a time) in NCHW and channels_last.
+w-cotangent alone), for XLA with NHWC/HWIO dimension numbers (fcnjax's) and with NCHW/OIHW ones, for d_weight also
+as k*k matmuls of shifted input windows ("shifted dots"), and for PyTorch (aten.convolution_backward with one output
+mask at a time) in NCHW and channels_last; 1x1 layers also as an einsum ("xla einsum", the dot_1x1 candidate).
 transpose cases time ConvTranspose layers, forward and forward+backward (both cotangents), as fcnjax.layers'
 dilated-input convolution, as benchmarks/candidates.conv_transpose_gemm (one matmul + overlap-add), and in PyTorch.
 Contenders of one op take turns in rounds; times are medians in ms.
@@ -17,11 +18,16 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
+import sys
 import time
 
 import numpy as np
 
-from benchmarks import harness
+if __package__ in (None, ""):  # run as a file (python benchmarks/conv_micro.py): make `benchmarks` importable
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import harness  # noqa: E402 pylint: disable=g-import-not-at-top
 
 # (label, n, h, w, c_in, c_out, k, stride, dilation) -- 3x3 / 1x1 convolutions at batch 2 and a 224x224 input.
 CONV_CASES = (
@@ -55,6 +61,35 @@ def _jax_conv_fns(k: int, dilation: int, layout: str):
     return jax.vjp(conv, x, w)[1](g)[1]
 
   return {"fwd": jax.jit(conv), "d_input": jax.jit(d_input), "d_weight": jax.jit(d_weight)}
+
+
+def _einsum_1x1_fns():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  def conv(x, w):
+    return jnp.einsum("nhwc,cd->nhwd", x, w[0, 0])
+
+  return {"fwd": jax.jit(conv), "d_input": jax.jit(lambda x, w, g: jax.vjp(conv, x, w)[1](g)[0]),
+          "d_weight": jax.jit(lambda x, w, g: jax.vjp(conv, x, w)[1](g)[1])}
+
+
+def shifted_dots_d_weight(k: int, dilation: int):
+  """NHWC weight gradient as k*k matmuls of shifted input windows with the output gradient, channels innermost
+  in both operands (XLA's own form puts the batch, 2 here, innermost)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  pad = dilation * (k - 1) // 2
+
+  def d_weight(x, w, g):
+    del w
+    _, h, width, _ = g.shape
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    taps = [[jnp.einsum("nhwc,nhwd->cd", xp[:, i * dilation:i * dilation + h, j * dilation:j * dilation + width], g)
+             for j in range(k)] for i in range(k)]
+    return jnp.stack([jnp.stack(row) for row in taps])
+
+  return jax.jit(d_weight)
 
 
 def _runner_jax(fn, *operands):
@@ -107,6 +142,14 @@ def conv_case(case, args, log) -> list[dict]:
       ops = operands[layout][:2] if op == "fwd" else operands[layout]
       contenders[f"xla {layout}"], f = _runner_jax(fn, *ops)
       flops = flops or f
+    if k == 1:  # benchmarks/candidates.rewritten_conv dot_1x1: the same layer as an einsum
+      contenders["xla einsum"], _ = _runner_jax(_einsum_1x1_fns()[op], *operands["NHWC"][:2 if op == "fwd" else 3])
+    check = None
+    if op == "d_weight" and k > 1:
+      shifted = shifted_dots_d_weight(k, dilation)
+      contenders["xla shifted dots"], _ = _runner_jax(shifted, *operands["NHWC"])
+      ref = np.asarray(_jax_conv_fns(k, dilation, "NHWC")["d_weight"](*operands["NHWC"]))
+      check = float(np.max(np.abs(np.asarray(shifted(*operands["NHWC"])) - ref)) / np.max(np.abs(ref)))
     for fmt in ("NCHW", "channels_last"):
       memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
       tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).contiguous(memory_format=memory_format)
@@ -124,6 +167,7 @@ def conv_case(case, args, log) -> list[dict]:
     row = {"case": label, "op": op, "GFLOP": flops / 1e9 if flops else None}
     for name, r in rates.items():
       row[name] = 1e3 / harness.Spread.of(r).median
+    row["shifted dots rel diff"] = check
     rows.append(row)
   return rows
 
@@ -141,10 +185,11 @@ def transpose_case(case, args, log) -> list[dict]:
   out_h, out_w = (h - 1) * stride + k, (w - 1) * stride + k
   g = rng.standard_normal((n, out_h, out_w, c_out), np.float32)
   xs, ks, gs = (jax.device_put(a) for a in (x, kernel, g))
-  rows = []
+  rows, check = [], None
   for op in ("fwd", "fwd+bwd"):
     contenders, flops = {}, None
-    for name, impl in (("xla dilated conv", layers.conv_transpose), ("xla gemm+col2im", candidates.conv_transpose_gemm)):
+    implementations = (("xla dilated conv", layers.conv_transpose), ("xla gemm+col2im", candidates.conv_transpose_gemm))
+    for name, impl in implementations:
       forward = functools.partial(impl, stride=stride)
       if op == "fwd":
         fn, operands = jax.jit(forward), (xs, ks)
@@ -167,20 +212,32 @@ def transpose_case(case, args, log) -> list[dict]:
         layer.weight.grad = tx.grad = None
         layer(tx).backward(tg)
     contenders["torch"] = _runner_torch(fn)
+    if op == "fwd":
+      ref = np.asarray(layers.conv_transpose(xs, ks, stride=stride))
+      ours = np.asarray(candidates.conv_transpose_gemm(xs, ks, stride=stride))
+      check = float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
     log(f"{label} {op}")
     rates = harness.interleave(contenders, rounds=args.rounds, steps=args.steps, items_per_step=1, log=lambda s: None)
     row = {"case": label, "op": op, "GFLOP": flops / 1e9 if flops else None}
     for name, r in rates.items():
       row[name] = 1e3 / harness.Spread.of(r).median
+    row["gemm rel diff"] = check if op == "fwd" else None
     rows.append(row)
   return rows
 
 
 def _table(rows: list[dict]) -> str:
   columns = list(dict.fromkeys(c for r in rows for c in r))
-  return harness.markdown_table(
-      [{c: (f"{v:.2f}" if isinstance(v, float) else ("" if v is None else v)) for c, v in r.items()} for r in rows],
-      columns)
+  columns = [c for c in columns if "diff" not in c] + [c for c in columns if "diff" in c]
+
+  def fmt(column, value):
+    if value is None:
+      return ""
+    if isinstance(value, float):
+      return f"{value:.1e}" if "diff" in column else f"{value:.2f}"
+    return value
+
+  return harness.markdown_table([{c: fmt(c, v) for c, v in r.items()} for r in rows], columns)
 
 
 def main(argv=None) -> None:

@@ -26,13 +26,16 @@ import collections
 import dataclasses
 import glob
 import math
+import os
 import re
+import sys
 import tempfile
 import time
 
-import numpy as np
+if __package__ in (None, ""):  # run as a file (python benchmarks/profile_step.py): make `benchmarks` importable
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import harness
+from benchmarks import harness  # noqa: E402 pylint: disable=g-import-not-at-top
 
 CATEGORIES = ("conv fwd", "conv d_input", "conv d_weight", "dot", "layout (kernel)", "layout (activation)", "reduce",
               "elementwise", "other")
@@ -48,7 +51,8 @@ class Instruction:
   calls: str = ""
 
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+) = (?P<shape>.+?) (?P<opcode>[a-z][\w\-]*)\((?P<rest>.*)$")
+_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+) = (?P<shape>.+?) (?P<opcode>[a-z][\w\-]*)\((?P<rest>.*)$")
 # XLA:CPU's ParallelTaskAssigner splits the outer loops of ops it emits itself; library calls get none.
 _LOOP_EMITTED = re.compile(r'outer_dimension_partitions":\["')
 _COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
@@ -182,7 +186,7 @@ def profile(args) -> dict:
   images, masks = make_batch(args)
   variables = steps.init_variables(model, jax.random.PRNGKey(0), images.shape[1:])
   kernel_shapes = {tuple(sorted(x.shape)) for x in jax.tree.leaves(variables["params"]) if x.ndim == 4}
-  runner = FcnjaxTrain(args.model, model, variables, images, masks)
+  runner = FcnjaxTrain(model, variables, images, masks)
   hlo = runner.compiled.as_text()
   if args.hlo_out:
     with open(args.hlo_out, "w") as f:
@@ -227,10 +231,12 @@ def report(result: dict, top: int) -> str:
   lines = [f"{result['model']}: batch {result['batch']}, {result['size']}x{result['size']}, {result['dtype']}; "
            f"wall {result['wall_ms_per_step']['median']:.0f} ms/step, thunks {result['thunk_ms_per_step']:.0f} ms/step "
            f"(summed over threads), compile {result['compile_s']:.1f} s, donated: {result['donated']}", ""]
-  rows = [{"category": c, "ms/step": f"{v['ms_per_step']:.0f}", "share": f"{100 * v['share']:.0f}%",
-           "conv GFLOP": f"{v['conv_gflops']:.1f}" if v["conv_gflops"] else "",
-           "GFLOP/s": f"{v['conv_gflops'] / v['ms_per_step'] * 1e3:.0f}" if v["conv_gflops"] and v["ms_per_step"] else ""}
-          for c, v in sorted(result["categories"].items(), key=lambda kv: -kv[1]["ms_per_step"])]
+  rows = []
+  for c, v in sorted(result["categories"].items(), key=lambda kv: -kv[1]["ms_per_step"]):
+    rate = v["conv_gflops"] / v["ms_per_step"] * 1e3 if v["conv_gflops"] and v["ms_per_step"] else None
+    rows.append({"category": c, "ms/step": f"{v['ms_per_step']:.0f}", "share": f"{100 * v['share']:.0f}%",
+                 "conv GFLOP": f"{v['conv_gflops']:.1f}" if v["conv_gflops"] else "",
+                 "GFLOP/s": "" if rate is None else f"{rate:.0f}"})
   lines += [harness.markdown_table(rows, ["category", "ms/step", "share", "conv GFLOP", "GFLOP/s"]), ""]
   rows = [{"op": o["name"], "category": o["category"], "layer": o["layer"], "ms/step": f"{o['ms_per_step']:.1f}",
            "GFLOP/s": "" if o["gflops_per_s"] is None else f"{o['gflops_per_s']:.3g}", "shape": o["shape"][:40],
@@ -262,5 +268,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  np.set_printoptions(precision=3)
   main()

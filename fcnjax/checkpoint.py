@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from typing import Any
 
 import jax
@@ -24,17 +25,36 @@ class CheckpointMismatchError(ValueError):
 
 # Steps past their retention are renamed here (atomic), then removed by purge_deleted_steps.
 TO_DELETE = "_to_delete"
+# How often a reader lists a checkpoint directory again when a step vanished while it was being listed.
+READ_ATTEMPTS = 5
 
 
-def _manager(directory: str, keep: int, best: bool) -> ocp.CheckpointManager:
-  purge_deleted_steps(directory)
+def _manager(directory: str, keep: int, best: bool, writable: bool) -> ocp.CheckpointManager:
+  # Only the training run cleans up: a reader (predict, evaluate) opened while it trains would otherwise delete the
+  # temporary step it is writing, and the run would fail at its next save.
+  if writable:
+    purge_deleted_steps(directory)
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, cleanup_tmp_directories=True, todelete_subdir=TO_DELETE,
+      max_to_keep=keep, create=writable, cleanup_tmp_directories=writable,
+      todelete_subdir=TO_DELETE if writable else None,
       best_fn=(lambda m: m["miou"]) if best else None, best_mode="max",
       keep_checkpoints_without_metrics=not best)
   # Handlers named up front: a fresh manager (a restarted run) can then read each item's metadata and check shapes.
-  handlers = {"state": ocp.StandardCheckpointHandler(), "model": ocp.JsonCheckpointHandler()}
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
+  def open_manager():
+    handlers = {"state": ocp.StandardCheckpointHandler(), "model": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
+
+  if writable:
+    return open_manager()
+  # A reader lists the step directories, then reads each one's metadata; the training run may retire a step in
+  # between (orbax's retention), and orbax then raises FileNotFoundError for it. Listing again sees the new state.
+  for attempt in range(READ_ATTEMPTS):
+    try:
+      return open_manager()
+    except FileNotFoundError:
+      if attempt == READ_ATTEMPTS - 1:
+        raise
+      time.sleep(0.05 * (attempt + 1))
 
 
 def purge_deleted_steps(directory: str) -> None:
@@ -50,13 +70,18 @@ def purge_deleted_steps(directory: str) -> None:
 
 
 class Checkpoints:
-  """`workdir/checkpoints` (last `keep` steps, for resume) and `workdir/best` (best `keep_best` by mIoU)."""
+  """`workdir/checkpoints` (last `keep` steps, for resume) and `workdir/best` (best `keep_best` by mIoU).
 
-  def __init__(self, workdir: str, keep: int = 3, keep_best: int = 1):
-    self.latest = _manager(os.path.join(workdir, "checkpoints"), keep, best=False)
-    self.best = _manager(os.path.join(workdir, "best"), keep_best, best=True) if keep_best else None
+  Opened for reading unless `writable` (the training run): reading changes nothing on disk.
+  """
+
+  def __init__(self, workdir: str, keep: int = 3, keep_best: int = 1, writable: bool = False):
+    self.writable = writable
+    self.latest = _manager(os.path.join(workdir, "checkpoints"), keep, best=False, writable=writable)
+    self.best = _manager(os.path.join(workdir, "best"), keep_best, best=True, writable=writable) if keep_best else None
 
   def save(self, step: int, state: Any, model_record: dict, force: bool = False) -> None:
+    self._check_writable()
     # A step saved already is the same state (resume is exact): a stop request at a checkpoint step, or a step
     # replayed after a kill that came between this step's best and latest saves. Orbax would raise for it.
     if step in self.latest.all_steps():
@@ -67,12 +92,17 @@ class Checkpoints:
                                                    model=ocp.args.JsonSave(model_record)), force=force)
 
   def save_best(self, step: int, state: Any, model_record: dict, miou: float) -> None:
+    self._check_writable()
     if self.best is not None and step not in self.best.all_steps():
       self.best.wait_until_finished()
       purge_deleted_steps(str(self.best.directory))
       self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    model=ocp.args.JsonSave(model_record)),
                      metrics={"miou": float(miou)}, force=True)
+
+  def _check_writable(self) -> None:
+    if not self.writable:
+      raise PermissionError(f"{self.latest.directory}: opened for reading; Checkpoints(..., writable=True) saves")
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
@@ -102,7 +132,8 @@ class Checkpoints:
       raise FileNotFoundError(f"no checkpoint in {manager.directory}: train first, or check --workdir")
     saved_record = manager.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))["model"]
     check_model_record(saved_record, model_record, f"{manager.directory}/{step}")
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    target = _on_one_device(manager.item_metadata(step)["state"])
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     variables = {"params": state["params"]}
     if state.get("batch_stats"):
       variables["batch_stats"] = state["batch_stats"]
@@ -112,12 +143,21 @@ class Checkpoints:
     for manager in (self.latest, self.best):
       if manager is not None:
         manager.wait_until_finished()
-        purge_deleted_steps(str(manager.directory))
+        if self.writable:
+          purge_deleted_steps(str(manager.directory))
 
   def close(self) -> None:
     self.latest.close()
     if self.best is not None:
       self.best.close()
+
+
+def _on_one_device(saved_metadata: Any) -> Any:
+  """The saved arrays' shapes, placed on this process's first device: without a target, orbax restores onto the
+  devices the checkpoint was written from and refuses other ones (a run trained on 8 GPUs, evaluated on 1)."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+                      getattr(saved_metadata, "tree", saved_metadata))
 
 
 def check_model_record(saved: dict, expected: dict, where: str) -> None:

@@ -57,6 +57,9 @@ def conv_transpose(x: Array, kernel: Array, *, stride: PairLike = 1, padding: Pa
   for op, s, d in zip(output_padding, stride, dilation):
     if op >= max(s, d):
       raise ValueError(f"output_padding {output_padding} must be smaller than stride {stride} or dilation {dilation}")
+  if (kh, kw) == stride and dilation == (1, 1):
+    return _conv_transpose_disjoint(x, kernel, padding=padding, output_padding=output_padding, groups=groups,
+                                    precision=precision)
   # (kh, kw, in, out/g) -> (kh, kw, in/g, out): regroup so that lax's feature_group_count sees forward-conv layout.
   rhs = kernel.reshape(kh, kw, groups, in_ch // groups, out_per_group)
   rhs = jnp.transpose(rhs, (0, 1, 3, 2, 4)).reshape(kh, kw, in_ch // groups, groups * out_per_group)
@@ -75,6 +78,27 @@ def conv_transpose(x: Array, kernel: Array, *, stride: PairLike = 1, padding: Pa
     (t, b), (l, r) = crops
     y = y[:, t:y.shape[1] - b, l:y.shape[2] - r, :]
   return y
+
+
+def _conv_transpose_disjoint(x: Array, kernel: Array, *, padding: tuple[int, int],
+                             output_padding: tuple[int, int], groups: int, precision: Any) -> Array:
+  """conv_transpose where the kernel equals the stride (U-Net's 2x2 up-convolution): the windows of neighbouring
+  input pixels do not overlap, so output pixel (s*h + i, s*w + j) is x[h, w] @ kernel[i, j] alone.
+
+  One matmul and a pixel shuffle instead of a convolution over a stride-dilated input. Same values, but the
+  gradients are matmuls too: XLA:CPU emits the dilated convolution's weight gradient as plain loops, which made
+  U-Net's four up-convolutions about half of its CPU train step (docs/performance.md).
+  """
+  n, h, w, in_ch = x.shape
+  kh, kw, _, out_per_group = kernel.shape
+  x = x.reshape(n, h, w, groups, in_ch // groups)
+  kernel = kernel.astype(x.dtype).reshape(kh, kw, groups, in_ch // groups, out_per_group)
+  z = jnp.einsum("nhwgc,ijgcd->nhiwjgd", x, kernel, precision=precision)
+  y = z.reshape(n, h * kh, w * kw, groups * out_per_group)
+  # PyTorch's padding crops the full output on both sides; output_padding extends the far side (with zeros here,
+  # since no window reaches past h * k). lax.pad takes both as one (possibly negative) padding.
+  (p_h, p_w), (op_h, op_w) = padding, output_padding
+  return jax.lax.pad(y, jnp.zeros((), y.dtype), ((0, 0, 0), (-p_h, op_h - p_h, 0), (-p_w, op_w - p_w, 0), (0, 0, 0)))
 
 
 def bilinear_upsample_init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:

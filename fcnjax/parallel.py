@@ -62,6 +62,17 @@ def check_batch_size(global_batch_size: int, what: str = "train.batch_size") -> 
     raise ValueError(f"{what}={global_batch_size} must be divisible by the number of processes ({processes})")
 
 
+def max_over_processes(value: int) -> int:
+  """The largest of every process's `value`, on every process; each process must call it at the same point.
+
+  A blocking all-gather over hosts: the training loop calls it once per step only when there are several processes.
+  """
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int32))))
+
+
 def to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
   """Assembles each process's share of a batch into global arrays sharded over the mesh."""
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}

@@ -21,9 +21,15 @@ from ml_collections import config_flags
 from fcnjax import checkpoint, data, metrics, models, optim, parallel, reporting, steps
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and predictions; the same workdir resumes. "
-                    "Default: runs/<config file name>.")
+
+
+def define_flags() -> None:
+  """The command line of `python -m fcnjax.train`. Defined only for that entry point, so that other entry points
+  (fcnjax.evaluate, which has a --config of its own) can import this module."""
+  config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and predictions; the same workdir "
+                      "resumes. Default: runs/<config file name>.")
+  flags.mark_flags_as_required(["config"])
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -152,7 +158,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = parallel.replicate(steps.create_train_state(model, tx, variables, state_rng), mesh)
 
   record = checkpoint.model_record(config)
-  ckpts = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints, keep_best=config.train.keep_best)
+  ckpts = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints, keep_best=config.train.keep_best,
+                                 writable=True)
   if ckpts.latest_step() is not None:
     state = ckpts.restore(state, record)
   start_step = int(jax.device_get(state.step))
@@ -223,12 +230,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           pending = None
         ckpts.save(done, state, record)
       paused = done == end_step < total_steps
-      if stop.signal_name is not None or paused:
+      signal_name = _agreed_signal(stop.signal_name)
+      if signal_name is not None or paused:
         if pending is not None:
           skipped_steps += _check_finite(*pending, config.train.on_nonfinite)
         ckpts.save(done, state, record, force=True)
         ckpts.wait()
-        reason = stop.signal_name or "train.max_steps_per_run"
+        reason = signal_name or "train.max_steps_per_run"
         progress.write(f"{reason}: saved a checkpoint at step {done} in {workdir}; run the same command to resume")
         summary = {"interrupted_at": done, "signal": reason, **summary}
         break
@@ -241,6 +249,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if is_main and "interrupted_at" not in summary:
     _finish(config, workdir, state, eval_data, info)
   return summary
+
+
+def _agreed_signal(signal_name: str | None) -> str | None:
+  """The stop signal of any process, on every process: a signal may reach only some of them (one preempted host),
+  and a process that stopped alone would leave the others waiting in the next step's collectives for ever."""
+  if jax.process_count() == 1:
+    return signal_name
+  number = parallel.max_over_processes(signal.Signals[signal_name].value if signal_name else 0)
+  return signal.Signals(number).name if number else None
 
 
 def _check_finite(step: int, step_metrics: dict, on_nonfinite: str) -> int:
@@ -292,5 +309,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
+  define_flags()
   app.run(main)

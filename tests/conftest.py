@@ -23,3 +23,14 @@ def subprocess_env(num_devices: int = 1, **extra: str) -> dict[str, str]:
   env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
   env.update(extra)
   return env
+
+
+def record_parity(what: str, max_abs_diff: float, scale: float) -> None:
+  """Prints a parity figure and, when FCNJAX_PARITY_LOG names a file, appends it there as a JSON line
+  (`FCNJAX_PARITY_LOG=parity.jsonl python -m pytest tests/` collects every figure the README reports)."""
+  import json  # pylint: disable=g-import-not-at-top
+  print(f"{what}: max|diff| = {max_abs_diff:.3g}, max|ref| = {scale:.3g}")
+  path = os.environ.get("FCNJAX_PARITY_LOG")
+  if path:
+    with open(path, "a") as f:
+      f.write(json.dumps({"what": what, "max_abs_diff": float(max_abs_diff), "scale": float(scale)}) + "\n")

@@ -16,6 +16,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 from fcnjax.config import base_config
@@ -74,12 +75,12 @@ def env(num_devices: int = 1, **extra: str) -> dict[str, str]:
 
 def train_command(workdir, *overrides: str, inject: str | None = None) -> list[str]:
   """`python -m fcnjax.train --config <tiny> --workdir W --config.k=v ...`; with `inject`, the same entry point run
-  after `import reliability_faults; reliability_faults.<inject>` has patched in a fault."""
+  after install_fault(inject) (below) has patched a fault into the process."""
   args = [f"--config={CONFIG}", f"--workdir={workdir}", *overrides]
   if inject is None:
     return [sys.executable, "-m", "fcnjax.train", *args]
   script = ("import sys, reliability_helpers as h; h.install_fault(sys.argv.pop(1)); "
-            "from absl import app; from fcnjax import train; app.run(train.main)")
+            "from absl import app; from fcnjax import train; train.define_flags(); app.run(train.main)")
   return [sys.executable, "-c", script, inject, *args]
 
 
@@ -87,6 +88,35 @@ def run_train(workdir, *overrides: str, inject: str | None = None, num_devices: 
               extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
   return subprocess.run(train_command(workdir, *overrides, inject=inject), env=env(num_devices, **(extra_env or {})),
                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def run_together(*commands: tuple[list[str], dict[str, str]], timeout: float = TIMEOUT
+                 ) -> list[subprocess.CompletedProcess]:
+  """Runs independent (argv, env) commands at the same time (CI has 2 cores) and returns their results in order.
+
+  Output goes to files, not pipes: processes that wait on each other (the hosts of one run) must never block on a
+  full pipe that nobody reads yet.
+  """
+  files = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in commands]
+  processes = [subprocess.Popen(argv, env=environ, cwd=REPO_ROOT, stdout=out, stderr=err, text=True)
+               for (argv, environ), (out, err) in zip(commands, files)]
+  deadline = time.monotonic() + timeout
+  try:
+    for process in processes:
+      process.wait(timeout=max(1.0, deadline - time.monotonic()))
+  finally:
+    for process in processes:  # one that hangs (e.g. waiting for a dead peer) is not left behind
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+  results = []
+  for (argv, _), process, (out, err) in zip(commands, processes, files):
+    out.seek(0)
+    err.seek(0)
+    results.append(subprocess.CompletedProcess(argv, process.returncode, out.read(), err.read()))
+    out.close()
+    err.close()
+  return results
 
 
 def start_train(workdir, *overrides: str, inject: str | None = None, num_devices: int = 1,
@@ -126,7 +156,7 @@ def step_dirs(directory) -> dict[str, list[str]]:
   """{'complete': step directories orbax treats as finished, 'partial': its temporary (unfinished) ones}."""
   directory = pathlib.Path(directory)
   names = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
-  return {"complete": [n for n in names if n.isdigit()],
+  return {"complete": sorted((n for n in names if n.isdigit()), key=int),
           "partial": [n for n in names if ".orbax-checkpoint-tmp" in n]}
 
 
@@ -138,13 +168,19 @@ def tree_digest(directory) -> dict[str, str]:
 
 
 def read_state(directory, step: int) -> dict:
-  """The saved train state of one step, restored read-only (opening a manager read-only cleans nothing up, so the
-  directory is inspected exactly as a kill left it)."""
+  """The saved train state and model record of one step, read-only (a read-only manager cleans nothing up, so the
+  directory is inspected exactly as a kill left it), onto this process's one device whatever devices wrote it."""
+  import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "model"),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  manager = ocp.CheckpointManager(
+      os.path.abspath(directory), options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers={"state": ocp.StandardCheckpointHandler(), "model": ocp.JsonCheckpointHandler()})
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+    metadata = manager.item_metadata(step)["state"]
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          getattr(metadata, "tree", metadata))
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                model=ocp.args.JsonRestore()))
   finally:
     manager.close()
@@ -173,8 +209,8 @@ def install_fault(spec: str) -> None:
   """'NAME:ARG', one of
     nan_at_step:K          NaN in the images of this process's K-th training batch
     oom_at_step:K          XLA's RESOURCE_EXHAUSTED error raised at this process's K-th training batch
-    kill_in_delete:N       SIGKILL right after the N-th file deletion under a checkpoints/ folder (the removal of an
-                           old step, half done)
+    kill_in_delete:N       SIGKILL right after the N-th file deleted from a committed step of checkpoints/ (the
+                           removal of a step past keep_checkpoints, half done)
     kill_before_rename:D[,W]  SIGKILL when orbax is about to rename a finished temporary step into D (a path
                            relative to the workdir, e.g. checkpoints/4), once W (e.g. best/4) exists if given: the
                            step is fully written, commit_success.txt included, but not committed
@@ -226,18 +262,21 @@ def _oom_at_step(step: str) -> None:
 
 
 def _kill_in_delete(after_files: str) -> None:
-  """Every file deletion under a checkpoints/ directory counts; the after_files-th one is followed by SIGKILL."""
+  """Counts file deletions inside committed step directories of checkpoints/ (an old step being removed, in place
+  or after being moved aside; temporary steps do not count) and SIGKILLs the process after the after_files-th."""
   after_files = int(after_files)
   original, count = os.unlink, [0]
 
   def unlink(path, *args, **kwargs):
     result = original(path, *args, **kwargs)
     dir_fd = kwargs.get("dir_fd")
-    where = os.readlink(f"/proc/self/fd/{dir_fd}") if dir_fd is not None else os.fspath(path)
-    if f"{os.sep}checkpoints{os.sep}" in where + os.sep:
-      count[0] += 1
-      if count[0] == after_files:
-        os.kill(os.getpid(), signal.SIGKILL)
+    where = pathlib.Path(os.readlink(f"/proc/self/fd/{dir_fd}") if dir_fd is not None else os.fspath(path))
+    if "checkpoints" in where.parts:
+      below = where.parts[len(where.parts) - where.parts[::-1].index("checkpoints"):]
+      if any(part.isdigit() for part in below):
+        count[0] += 1
+        if count[0] == after_files:
+          os.kill(os.getpid(), signal.SIGKILL)
     return result
 
   os.unlink = unlink

@@ -104,10 +104,19 @@ def test_random_scale_changes_size_within_range_and_keeps_labels():
   assert 20 <= min(heights) < 30 and 50 < max(heights) <= 60
 
 
-def test_elastic_hook_is_called_when_enabled():
-  transform = transforms.TrainTransform(crop_size=(8, 8), elastic=True)
-  with pytest.raises(NotImplementedError, match="elastic_deform"):
-    transform(_coded_example(8, 8), np.random.default_rng(0))
+def test_elastic_hook_is_called_only_when_enabled(monkeypatch):
+  calls = []
+
+  def recording_hook(image, mask, rng, **kwargs):
+    calls.append((image.shape, mask.shape, isinstance(rng, np.random.Generator)))
+    return image, np.zeros_like(mask)
+
+  monkeypatch.setattr(transforms, "elastic_deform", recording_hook)
+  example = _coded_example(12, 12)
+  out = transforms.TrainTransform(crop_size=(8, 8), elastic=True)(example, np.random.default_rng(0))
+  assert calls == [((8, 8, 3), (8, 8), True)] and (out["mask"] == 0).all()   # its output is what is returned
+  transforms.TrainTransform(crop_size=(8, 8))(example, np.random.default_rng(0))
+  assert len(calls) == 1
 
 
 def test_eval_transform_canvas_and_size():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.signal
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402  (a hard import: parity tests must run, never skip)
 F = torch.nn.functional
 
 from fcnjax.layers import (ConvTranspose, bilinear_upsample_init, center_crop, conv_output_size,  # noqa: E402
@@ -43,9 +43,14 @@ def conv_transpose_cases(num_random=36, seed=0):
       dict(k=(4, 4), s=(2, 2), p=(1, 1), op=(0, 0), d=(1, 1), g=3, cin=3, cout=3, hw=(1, 1), bias=True),
       # FCN's upscore: k=2s, no padding
       dict(k=(4, 4), s=(2, 2), p=(0, 0), op=(0, 0), d=(1, 1), g=1, cin=2, cout=2, hw=(5, 6), bias=False),
+      # kernel = stride (U-Net's up-convolution), which conv_transpose computes as a matmul + pixel shuffle
+      dict(k=(2, 2), s=(2, 2), p=(0, 0), op=(0, 0), d=(1, 1), g=1, cin=4, cout=3, hw=(3, 5), bias=True),
+      # ... with groups, a non-square kernel, and padding / output_padding that crop and extend it
+      dict(k=(2, 3), s=(2, 3), p=(1, 0), op=(1, 2), d=(1, 1), g=2, cin=4, cout=6, hw=(4, 3), bias=False),
+      dict(k=(3, 3), s=(3, 3), p=(2, 1), op=(0, 2), d=(1, 1), g=1, cin=2, cout=2, hw=(2, 3), bias=True),
   ]
   rng = np.random.RandomState(seed)
-  while len(cases) < 4 + num_random:
+  while len(cases) < 7 + num_random:
     k, s, d, p = (tuple(int(v) for v in rng.randint(lo, hi, size=2)) for lo, hi in ((1, 5), (1, 4), (1, 3), (0, 3)))
     op = tuple(int(rng.randint(0, max(si, di))) for si, di in zip(s, d))
     g = int(rng.choice([1, 2, 3]))
@@ -78,6 +83,12 @@ def test_sweep_covers_every_option():
   assert any(c["k"][0] != c["k"][1] for c in CASES) and any(c["hw"][0] != c["hw"][1] for c in CASES)
   assert any(c["s"][0] != c["s"][1] for c in CASES)
   assert any(p > d * (k - 1) for c in CASES for p, d, k in zip(c["p"], c["d"], c["k"]))
+  # Both lowerings of conv_transpose: the matmul one (kernel = stride, dilation 1) and the dilated convolution.
+  assert sum(_disjoint(c) for c in CASES) >= 3 and sum(not _disjoint(c) for c in CASES) >= 30
+
+
+def _disjoint(c):
+  return c["k"] == c["s"] and c["d"] == (1, 1)
 
 
 def torch_conv_transpose(c, seed):
@@ -117,7 +128,7 @@ def test_conv_transpose_matches_torch(case):
   np.testing.assert_allclose(out, expected, rtol=0, atol=ATOL)
 
 
-@pytest.mark.parametrize("case", CASES[:4] + CASES[4:40:6], ids=case_id)
+@pytest.mark.parametrize("case", CASES[:7] + CASES[7:40:6], ids=case_id)
 def test_conv_transpose_gradients_match_torch_autograd(case):
   layer, x = torch_conv_transpose(case, seed=1)
   x.requires_grad_(True)

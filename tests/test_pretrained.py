@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-torchvision = pytest.importorskip("torchvision")
+import torch  # noqa: E402  (a hard import: parity tests must run, never skip)
+import torchvision  # noqa: E402
 
 from conftest import REPO_ROOT, subprocess_env  # noqa: E402
 from fcnjax.models.fcn import fcn8s  # noqa: E402

@@ -11,10 +11,12 @@ import copy
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from conftest import record_parity
 import pytest
 
-torch = pytest.importorskip("torch")
-torchvision = pytest.importorskip("torchvision")
+import torch  # noqa: E402  (a hard import: parity tests must run, never skip)
+import torchvision  # noqa: E402
 
 from fcnjax.conversion.common import ConversionError  # noqa: E402
 from fcnjax.conversion.resnet import convert_fcn_resnet50, convert_resnet50  # noqa: E402
@@ -48,6 +50,7 @@ def assert_close(actual, expected, what: str):
   assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != torch {expected.shape}"
   diff, scale = np.abs(actual - expected).max(), np.abs(expected).max()
   assert scale > 0, f"{what}: torch output is all zeros, the comparison would prove nothing"
+  record_parity(f"resnet: {what}", diff, scale)
   assert diff <= RTOL * scale, f"{what}: max|diff| {diff:.3g} > {RTOL} * max|torch| {scale:.3g}"
   return diff, scale
 

@@ -8,9 +8,11 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from conftest import record_parity
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402  (a hard import: parity tests must run, never skip)
 
 from fcnjax.models import build_model  # noqa: E402
 from fcnjax.models.unet import unet  # noqa: E402
@@ -42,6 +44,7 @@ def images(size, n=2, seed=0):
 def assert_close(ours, theirs, name=""):
   scale = max(1.0, float(np.abs(theirs).max()))
   diff = float(np.abs(np.asarray(ours) - theirs).max())
+  record_parity(f"unet: {name}", diff, float(np.abs(theirs).max()))
   assert diff <= 1e-5 * scale, f"{name}: max |diff| {diff:.3g} at output scale {scale:.3g}"
 
 

@@ -11,11 +11,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from conftest import record_parity
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-torch = pytest.importorskip("torch")
-torchvision = pytest.importorskip("torchvision")
+import torch  # noqa: E402  (a hard import: parity tests must run, never skip)
+import torchvision  # noqa: E402
 
 from fcnjax.conversion.common import ConversionError  # noqa: E402
 from fcnjax.conversion.vgg import convert_vgg16  # noqa: E402
@@ -32,7 +34,7 @@ def assert_parity(ours, ref, what: str) -> None:
   ours, ref = np.asarray(ours, dtype=np.float32), np.asarray(ref, dtype=np.float32)
   assert ours.shape == ref.shape, f"{what}: shape {ours.shape} != torch {ref.shape}"
   diff, scale = float(np.max(np.abs(ours - ref))), float(np.max(np.abs(ref)))
-  print(f"{what}: max|diff| = {diff:.3g}, max|ref| = {scale:.3g}")
+  record_parity(f"vgg/fcn: {what}", diff, scale)
   assert scale > 0, f"{what}: the reference is all zeros, the comparison would prove nothing"
   assert diff <= RTOL * scale, f"{what}: max|diff| {diff:.3g} > {RTOL} * max|ref| {scale:.3g}"
 

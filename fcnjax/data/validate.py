@@ -82,6 +82,6 @@ def check_pairs(pairs: Sequence[tuple[str, str | None]], labels: LabelSpec, *, o
   if not kept:
     raise ValueError(f"{what}: no usable image/mask pairs left ({len(skipped)} skipped)")
   if all(r[2] for _, r in kept):
-    logging.warning("%s: every mask holds only 0 and 255 while mask_mode='labels', so 255 "
-                    "is read as ignore_index %d; for 0/255 binary masks set data.mask_mode='binary'", what, labels.ignore_index)
+    logging.warning("%s: every mask holds only 0 and 255 while mask_mode='labels', so 255 is read as "
+                    "ignore_index %d; for 0/255 binary masks set data.mask_mode='binary'", what, labels.ignore_index)
   return Checked(pairs=[pair for pair, _ in kept], sizes=[(r[0], r[1]) for _, r in kept], skipped=skipped)

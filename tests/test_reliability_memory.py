@@ -1,0 +1,113 @@
+"""Memory: benchmarks/memory.py's figures and budget search, and the message an out-of-device-memory error gives.
+
+Out-of-memory is injected (XLA's RESOURCE_EXHAUSTED error raised where it would come from), never provoked.
+"""
+import importlib.util
+import json
+import signal
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import reliability_helpers as h
+from fcnjax import steps, train
+
+TINY_UNET = ("--models=unet", "--image_size=16", "--set=model.base_width=2", "--set=model.depth=1")
+XLA_OOM = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123456789 bytes."
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+  h.use_session_compile_cache(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def memory_module():
+  spec = importlib.util.spec_from_file_location("memory_benchmark", h.REPO_ROOT / "benchmarks" / "memory.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_memory_table_and_budget_search(memory_module):
+  budget_gb = 0.0005  # ~0.5 MB: a batch of about ten 16x16 images for this U-Net of width 2
+  result = h.run_together(([sys.executable, "benchmarks/memory.py", *TINY_UNET, "--batch_sizes=1,2",
+                            f"--budget_gb={budget_gb}", "--json"], h.env()))[0]
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+  rows = {r["batch_size"]: r for r in lines if r["kind"] == "row"}
+  (search,) = [r for r in lines if r["kind"] == "budget"]
+
+  # Known values: the step's arguments are the train state plus the batch, byte for byte, and the whole (donated)
+  # state is updated in place.
+  config, size = memory_module.experiment_config("unet", 16, "", [s.split("=", 1)[1] for s in TINY_UNET[2:]])
+  state = memory_module.TrainStep(config, size).abstract_state  # shapes only, nothing compiled
+  state_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
+  for batch_size, row in rows.items():
+    batch_bytes = batch_size * size * size * (3 * 4 + 4)  # float32 RGB image + int32 mask
+    assert row["argument_bytes"] == state_bytes + batch_bytes, (batch_size, row, state_bytes)
+    assert row["alias_bytes"] == state_bytes
+    assert row["host_peak_rss_bytes"] > 50 * 2 ** 20  # at least the interpreter with jax loaded
+  assert rows[2]["temp_bytes"] > rows[1]["temp_bytes"]  # activations grow with the batch
+
+  budget = budget_gb * 2 ** 30
+  assert search["largest_batch"] >= 2
+  assert search["bytes_at_largest"] <= budget < search["bytes_above"], search
+
+
+def test_budget_search_agrees_with_brute_force(memory_module, monkeypatch):
+  """The search's logic against every batch size tried in turn, for a memory curve that is not linear (XLA's
+  temporaries jump where it changes strategy), on 1 and 4 devices."""
+  for devices in (1, 4):
+    monkeypatch.setattr(memory_module.jax, "device_count", lambda d=devices: d)
+    need = lambda b, d=devices: 1000 + 300 * b + (4000 if b >= 8 * d else 0) + 7 * b * b  # noqa: E731
+
+    class FakeStep:
+      config = type("C", (), {"model": type("M", (), {"name": "fake"})})()
+
+      def compile(self, batch_size):
+        assert batch_size % devices == 0 and batch_size > 0
+        return type("Compiled", (), {"memory_analysis": lambda self, b=batch_size: type("A", (), dict(
+            argument_size_in_bytes=need(b), output_size_in_bytes=0, alias_size_in_bytes=0,
+            temp_size_in_bytes=0))()})()
+
+    for budget in (900, 1300, 5000, 7000, 12000, 40000, 10 ** 6):
+      found = memory_module.largest_batch(FakeStep(), budget)
+      brute = max([b for b in range(devices, 1000 * devices, devices) if need(b) <= budget], default=0)
+      assert found["largest_batch"] == brute, (devices, budget, found)
+      # About twice log2 of the answer: a search, not a scan.
+      assert found["compiles"] <= 2 * np.log2(brute / devices + 1) + 6, (devices, budget, found)
+
+
+def test_out_of_memory_names_the_settings_to_lower(tmp_path, monkeypatch):
+  def exhausted(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError(XLA_OOM)
+
+  monkeypatch.setattr(steps, "init_variables", exhausted)
+  with pytest.raises(train.OutOfDeviceMemoryError) as error:
+    train.train_and_evaluate(h.get_config(), str(tmp_path / "oom"))
+  message = str(error.value)
+  for text in ("--config.train.batch_size", "train.batch_size=8", "--config.model.dtype=bfloat16",
+               "benchmarks/memory.py", XLA_OOM):
+    assert text in message, message
+  assert isinstance(error.value.__cause__, jax.errors.JaxRuntimeError)
+
+  def other_failure(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+  monkeypatch.setattr(steps, "init_variables", other_failure)
+  with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL: something else"):  # passed on untouched
+    train.train_and_evaluate(h.get_config(), str(tmp_path / "other"))
+
+
+def test_out_of_memory_in_the_training_loop_through_the_command_line(tmp_path):
+  workdir = tmp_path / "run"
+  result = h.run_train(workdir, inject="oom_at_step:3")
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "OutOfDeviceMemoryError" in result.stderr and "--config.train.batch_size" in result.stderr
+  assert "--config.model.dtype=bfloat16" in result.stderr
+  assert result.returncode != -signal.SIGKILL
+  assert h.step_dirs(workdir / "checkpoints") == {"complete": ["1", "2"], "partial": []}
+  assert h.all_finite(h.params_of(workdir / "checkpoints", 2))

@@ -1,0 +1,96 @@
+"""Many hosts, simulated on one machine: the training command run as 2 processes (2 CPU devices each) joined by
+jax.distributed through a localhost coordinator, against 1 process with 4 devices.
+
+Each process reads only its own half of every global batch, so the two runs see the same global batches and must
+reach the same losses; only process 0 writes metrics; both processes write their part of each checkpoint.
+"""
+import re
+import signal
+import socket
+
+import numpy as np
+import pytest
+
+import reliability_helpers as h
+from fcnjax import checkpoint
+
+NUM_STEPS = 4
+RUN = (f"--config.train.num_steps={NUM_STEPS}",)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+  h.use_session_compile_cache(tmp_path_factory)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _host(coordinator: str, process_id: int) -> dict[str, str]:
+  """What makes a process one of 2 hosts (fcnjax.parallel.initialize_distributed reads it)."""
+  return dict(JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id))
+
+
+def test_two_processes_train_like_one(tmp_path):
+  one, two = tmp_path / "one_process", tmp_path / "two_processes"
+  coordinator = f"127.0.0.1:{_free_port()}"
+  hosts = [(h.train_command(two, *RUN), h.env(2, **_host(coordinator, i))) for i in range(2)]
+  single, *processes = h.run_together((h.train_command(one, *RUN), h.env(4)), *hosts)
+  assert single.returncode == 0, single.stderr[-3000:]
+  for i, result in enumerate(processes):
+    assert result.returncode == 0, f"process {i}:\n{result.stderr[-3000:]}"
+
+  # Process 0 alone writes metrics: one record per step, as in the single-process run.
+  losses_one = [r["loss"] for r in h.train_records(one)]
+  losses_two = [r["loss"] for r in h.train_records(two)]
+  assert [r["step"] for r in h.train_records(two)] == list(range(1, NUM_STEPS + 1))
+  assert [r["kind"] for r in h.metrics(two)] == [r["kind"] for r in h.metrics(one)]
+  # Gradients are summed over 4 devices either way, in another order across processes: float32 rounding only.
+  np.testing.assert_allclose(losses_two, losses_one, rtol=1e-5)
+  eval_one, eval_two = ([r for r in h.metrics(w) if r["kind"] == "eval"][-1] for w in (one, two))
+  assert eval_two["miou"] == pytest.approx(eval_one["miou"], abs=1e-6)
+
+  # The checkpoint was written by both processes (orbax's per-process OCDBT shards), and this one-device process
+  # reads it as evaluate/predict do (checkpoints of 4 devices onto 1), finding the single-process run's parameters.
+  state_dir = two / "checkpoints" / str(NUM_STEPS) / "state"
+  assert (state_dir / "ocdbt.process_0").is_dir() and (state_dir / "ocdbt.process_1").is_dir()
+  read = {}
+  for name, workdir in (("one", one), ("two", two)):
+    ckpts = checkpoint.Checkpoints(str(workdir))
+    try:
+      read[name], step = ckpts.restore_variables(checkpoint.model_record(h.get_config()), which="latest")
+    finally:
+      ckpts.close()
+    assert step == NUM_STEPS
+  diff = h.max_abs_diff(read["one"], read["two"])
+  assert diff <= 1e-5, diff
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+  """A preempted host gets SIGTERM, its peers do not: every process must save the same step and exit 143 (one that
+  stopped alone would leave the other blocked in the next step's collectives)."""
+  workdir = tmp_path / "run"
+  coordinator = f"127.0.0.1:{_free_port()}"
+  logs = [tmp_path / f"process{i}.log" for i in range(2)]
+  processes = []
+  try:
+    for i, log in enumerate(logs):
+      with open(log, "w") as out:
+        processes.append(h.start_train(workdir, "--config.train.num_steps=40", log=out, num_devices=2,
+                                       extra_env=_host(coordinator, i)))
+    h.wait_for(lambda: len(h.train_records(workdir)) >= 2, processes[0])
+    processes[1].send_signal(signal.SIGTERM)
+    returncodes = [p.wait(timeout=120) for p in processes]
+  finally:
+    for p in processes:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  outputs = [log.read_text() for log in logs]
+  assert returncodes == [143, 143], [o[-2000:] for o in outputs]
+  saved = [int(re.search(r"SIGTERM: saved a checkpoint at step (\d+)", o).group(1)) for o in outputs]
+  assert saved[0] == saved[1] == h.train_records(workdir)[-1]["step"] < 40, saved
+  assert int(h.step_dirs(workdir / "checkpoints")["complete"][-1]) == saved[0]
