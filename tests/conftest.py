@@ -9,6 +9,24 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_compile_cache(tmp_path_factory):
+  """One persistent XLA compilation cache for this pytest session, in-process and for every subprocess.
+
+  Many tests train the same tiny configs again (resume, interruption, several processes); compiling their steps
+  once instead of in every run is most of the suite's time on a 2-core CI machine. The cache is per session
+  (pytest's basetemp), so no test ever reads what another session compiled.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  cache = os.environ.setdefault("FCNJAX_TEST_COMPILE_CACHE", str(tmp_path_factory.getbasetemp() / "xla-cache"))
+  os.environ.update({"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield cache
+
+
 @pytest.fixture
 def shared_data() -> pathlib.Path:
   """../shared/data (real ISBI 2012 EM slices and a liver CT pair); tests needing it skip when it is absent."""

@@ -172,3 +172,26 @@ def test_synthetic_examples_are_deterministic_and_varied():
   masks = np.stack([synthetic.make_example(0, "train", i, 32, 4)["mask"] for i in range(40)])
   fractions = np.bincount(masks.ravel(), minlength=4) / masks.size
   assert fractions[0] > 0.5 and (fractions[1:] > 0.02).all()
+
+
+def _shape_colours(example):
+  """The median colour of each class's pixels (noise and shading removed), per class present."""
+  image, mask = example["image"].astype(np.float32), example["mask"]
+  return {int(c): np.median(image[mask == c], axis=0) for c in np.unique(mask) if c}
+
+
+def test_random_colour_fraction_changes_colours_only():
+  """synthetic_random_colour picks which shapes leave their class's hue; the geometry stays the same, and with 0
+  every shape is near its hue, with 1 most are not."""
+  hue = np.array(synthetic._CLASS_COLOURS)  # pylint: disable=protected-access
+  distances = {}
+  for fraction in (0.0, 1.0):
+    far = []
+    for i in range(30):
+      example = synthetic.make_example(0, "train", i, 48, 4, random_colour=fraction)
+      np.testing.assert_array_equal(example["mask"], synthetic.make_example(0, "train", i, 48, 4)["mask"])
+      far += [np.linalg.norm(colour - hue[c - 1]) > 100 for c, colour in _shape_colours(example).items()]
+    distances[fraction] = np.mean(far)
+  assert distances[0.0] < 0.05 and distances[1.0] > 0.5, distances
+  with pytest.raises(ValueError, match="synthetic_random_colour"):
+    data.build_train_data(_cfg(synthetic_random_colour=1.5), batch_size=2, seed=0)

@@ -34,6 +34,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.synthetic_train_examples = 2048
   c.synthetic_val_examples = 256
   c.synthetic_seed = 0              # the data itself; the training `seed` only orders and augments it
+  c.synthetic_random_colour = 0.25  # fraction of shapes drawn in a random colour, not their class's hue
 
   # tfds_pet: Oxford-IIIT Pet through tfds.data_source (array_record files, no TensorFlow)
   c.tfds_name = "oxford_iiit_pet"
@@ -133,6 +134,8 @@ def check(cfg: ml_collections.ConfigDict) -> None:
                      "and sigma > 0")
   if any(w < 0 for w in cfg.border_class_weights):
     raise ValueError(f"data config border_class_weights={cfg.border_class_weights}; weights must be >= 0")
+  if not 0.0 <= cfg.synthetic_random_colour <= 1.0:
+    raise ValueError(f"data config synthetic_random_colour={cfg.synthetic_random_colour}; expected a fraction")
   if not 0.0 <= cfg.val_fraction < 1.0:
     raise ValueError(f"data config val_fraction={cfg.val_fraction}; expected a fraction in [0, 1)")
   if cfg.worker_buffer_size < 1:

@@ -109,7 +109,8 @@ def load_split(cfg, split: str) -> Split:
   if cfg.source == "synthetic":
     count = cfg.synthetic_train_examples if split == "train" else cfg.synthetic_val_examples
     examples = synthetic.SyntheticShapes(split=split, num_examples=count, size=cfg.image_size,
-                                         num_classes=cfg.num_classes, seed=cfg.synthetic_seed)
+                                         num_classes=cfg.num_classes, seed=cfg.synthetic_seed,
+                                         random_colour=cfg.synthetic_random_colour)
     return Split(examples, [(cfg.image_size, cfg.image_size)] * count)
   if cfg.source == "tfds_pet":
     tfds_split = cfg.tfds_train_split if split == "train" else cfg.tfds_validation_split
