@@ -39,20 +39,16 @@ def _manager(directory: str, keep: int, best: bool, writable: bool) -> ocp.Check
       todelete_subdir=TO_DELETE if writable else None,
       best_fn=(lambda m: m["miou"]) if best else None, best_mode="max",
       keep_checkpoints_without_metrics=not best)
-  # Handlers named up front: a fresh manager (a restarted run) can then read each item's metadata and check shapes.
-  def open_manager():
-    handlers = {"state": ocp.StandardCheckpointHandler(), "model": ocp.JsonCheckpointHandler()}
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
-
-  if writable:
-    return open_manager()
   # A reader lists the step directories, then reads each one's metadata; the training run may retire a step in
   # between (orbax's retention), and orbax then raises FileNotFoundError for it. Listing again sees the new state.
-  for attempt in range(READ_ATTEMPTS):
+  attempts = 1 if writable else READ_ATTEMPTS
+  for attempt in range(attempts):
     try:
-      return open_manager()
+      # Handlers named up front: a fresh manager (a restarted run) can then read each item's metadata and shapes.
+      handlers = {"state": ocp.StandardCheckpointHandler(), "model": ocp.JsonCheckpointHandler()}
+      return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
     except FileNotFoundError:
-      if attempt == READ_ATTEMPTS - 1:
+      if attempt == attempts - 1:
         raise
       time.sleep(0.05 * (attempt + 1))
 
@@ -132,7 +128,7 @@ class Checkpoints:
       raise FileNotFoundError(f"no checkpoint in {manager.directory}: train first, or check --workdir")
     saved_record = manager.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))["model"]
     check_model_record(saved_record, model_record, f"{manager.directory}/{step}")
-    target = _on_one_device(manager.item_metadata(step)["state"])
+    target = on_one_device(manager.item_metadata(step)["state"])
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     variables = {"params": state["params"]}
     if state.get("batch_stats"):
@@ -152,7 +148,7 @@ class Checkpoints:
       self.best.close()
 
 
-def _on_one_device(saved_metadata: Any) -> Any:
+def on_one_device(saved_metadata: Any) -> Any:
   """The saved arrays' shapes, placed on this process's first device: without a target, orbax restores onto the
   devices the checkpoint was written from and refuses other ones (a run trained on 8 GPUs, evaluated on 1)."""
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

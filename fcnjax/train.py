@@ -254,8 +254,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _agreed_signal(signal_name: str | None) -> str | None:
   """The stop signal of any process, on every process: a signal may reach only some of them (one preempted host),
   and a process that stopped alone would leave the others waiting in the next step's collectives for ever."""
-  if jax.process_count() == 1:
-    return signal_name
   number = parallel.max_over_processes(signal.Signals[signal_name].value if signal_name else 0)
   return signal.Signals(number).name if number else None
 

@@ -18,7 +18,7 @@ def session_compile_cache(tmp_path_factory):
   (pytest's basetemp), so no test ever reads what another session compiled.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  cache = os.environ.setdefault("FCNJAX_TEST_COMPILE_CACHE", str(tmp_path_factory.getbasetemp() / "xla-cache"))
+  cache = str(tmp_path_factory.getbasetemp() / "xla-cache")
   os.environ.update({"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                      "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
   jax.config.update("jax_compilation_cache_dir", cache)

@@ -52,23 +52,11 @@ def get_config():
   return config
 
 
-def use_session_compile_cache(tmp_path_factory) -> None:
-  """Points every subprocess of this pytest session at one XLA cache (pytest's basetemp is per session)."""
-  os.environ.setdefault("FCNJAX_TEST_COMPILE_CACHE", str(tmp_path_factory.getbasetemp() / "xla-cache"))
-
-
-def compile_cache_dir() -> str:
-  return os.environ.get("FCNJAX_TEST_COMPILE_CACHE") or os.path.join("/tmp", f"fcnjax-xla-cache-{os.getuid()}")
-
-
 def env(num_devices: int = 1, **extra: str) -> dict[str, str]:
   environ = dict(os.environ)
   environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
   environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(HERE), environ.get("PYTHONPATH", "")])
-  environ["JAX_PLATFORMS"] = "cpu"
-  environ["JAX_COMPILATION_CACHE_DIR"] = compile_cache_dir()
-  environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  environ["JAX_PLATFORMS"] = "cpu"  # the session's XLA compilation cache comes with os.environ (conftest.py)
   environ.update(extra)
   return environ
 
@@ -170,16 +158,13 @@ def tree_digest(directory) -> dict[str, str]:
 def read_state(directory, step: int) -> dict:
   """The saved train state and model record of one step, read-only (a read-only manager cleans nothing up, so the
   directory is inspected exactly as a kill left it), onto this process's one device whatever devices wrote it."""
-  import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from fcnjax import checkpoint  # pylint: disable=g-import-not-at-top
   manager = ocp.CheckpointManager(
       os.path.abspath(directory), options=ocp.CheckpointManagerOptions(read_only=True),
       item_handlers={"state": ocp.StandardCheckpointHandler(), "model": ocp.JsonCheckpointHandler()})
   try:
-    metadata = manager.item_metadata(step)["state"]
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          getattr(metadata, "tree", metadata))
+    target = checkpoint.on_one_device(manager.item_metadata(step)["state"])
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                model=ocp.args.JsonRestore()))
   finally:

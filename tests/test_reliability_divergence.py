@@ -4,16 +4,10 @@ import re
 
 import jax
 import numpy as np
-import pytest
 
 import reliability_helpers as h
 
 NON_FINITE = re.compile(r"NonFiniteLossError: step (\d+): loss is (\S+)")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-  h.use_session_compile_cache(tmp_path_factory)
 
 
 def _assert_stopped_at(result, workdir, step=None) -> int:

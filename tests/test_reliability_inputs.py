@@ -15,11 +15,6 @@ FOLDER = ("--config.data.source=folder", "--config.data.layout=images_masks", "-
           "--config.train.num_steps=2")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-  h.use_session_compile_cache(tmp_path_factory)
-
-
 def _write_pair(root, name, rng, image_hw=(32, 32), mask=None):
   Image.fromarray(rng.integers(0, 255, (*image_hw, 3), dtype=np.uint8)).save(root / "images" / f"{name}.png")
   if mask is None:

@@ -10,7 +10,6 @@ import signal
 import time
 
 import numpy as np
-import pytest
 
 import reliability_helpers as h
 from fcnjax import checkpoint
@@ -18,11 +17,6 @@ from fcnjax import checkpoint
 NUM_STEPS = 12
 RUN = (f"--config.train.num_steps={NUM_STEPS}",)  # helper config: checkpoint every step, keep 2, evaluate every 4
 STOPPED = re.compile(r"(SIGTERM|SIGINT): saved a checkpoint at step (\d+)")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-  h.use_session_compile_cache(tmp_path_factory)
 
 
 def _readable_steps(workdir, when: str) -> list[int]:

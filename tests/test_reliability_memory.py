@@ -18,11 +18,6 @@ TINY_UNET = ("--models=unet", "--image_size=16", "--set=model.base_width=2", "--
 XLA_OOM = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123456789 bytes."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-  h.use_session_compile_cache(tmp_path_factory)
-
-
 @pytest.fixture(scope="module")
 def memory_module():
   spec = importlib.util.spec_from_file_location("memory_benchmark", h.REPO_ROOT / "benchmarks" / "memory.py")

@@ -19,11 +19,6 @@ NUM_STEPS = 4
 RUN = (f"--config.train.num_steps={NUM_STEPS}",)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-  h.use_session_compile_cache(tmp_path_factory)
-
-
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
