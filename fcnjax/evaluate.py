@@ -32,8 +32,15 @@ def evaluate_batched(config, model, variables) -> np.ndarray:
                                         ignore_index=info.ignore_index),
                       in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
                       out_shardings=parallel.replicated(mesh))
-  return train.evaluate(parallel.replicate(variables, mesh), eval_data, eval_step, parallel.batch_sharded(mesh),
-                        num_classes)
+  # As in training: every process ready before the first collective (replicate checks the variables agree), and
+  # compiled before the first all-device one (see parallel.wait_for_all_processes).
+  parallel.wait_for_all_processes("loaded")
+  variables = parallel.replicate(variables, mesh)
+  example_batch = next(iter(eval_data), None)
+  if example_batch is not None:
+    eval_step.lower(variables, parallel.global_shapes(example_batch, parallel.batch_sharded(mesh))).compile()
+  parallel.wait_for_all_processes("compiled")
+  return train.evaluate(variables, eval_data, eval_step, parallel.batch_sharded(mesh), num_classes)
 
 
 def evaluate_per_image(predictor: predict.Predictor, binary: bool, num_classes: int,

@@ -73,9 +73,33 @@ def max_over_processes(value: int) -> int:
   return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int32))))
 
 
+# How long a process waits at a start-up barrier for the slowest one (its data, model init and compilation).
+STARTUP_TIMEOUT_S = 30 * 60
+
+
+def wait_for_all_processes(name: str, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+  """Returns once every process has called it with `name` (each name once per run); nothing with one process.
+
+  Called just before a group of devices is first used by a collective. On CPU, JAX's cross-process collectives
+  (gloo) connect the devices of each group at its first collective and give up after a fixed 30 s if a peer has
+  not arrived yet; one host that loads or compiles more slowly than that fails the run. This barrier goes through
+  the coordination service of jax.distributed instead (orbax's thread-safe barrier), which waits as long as asked.
+  """
+  if jax.process_count() == 1:
+    return
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  ocp.multihost.get_barrier_sync_fn()(key=f"fcnjax:{name}", timeout_ms=int(timeout_s * 1000))
+
+
 def to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
   """Assembles each process's share of a batch into global arrays sharded over the mesh."""
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+def global_shapes(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes to_global gives this batch (every process's share stacked), for compiling ahead without data."""
+  return {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(), *v.shape[1:]), v.dtype, sharding=sharding)
+          for k, v in local_batch.items()}
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -151,10 +151,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   model = models.build_model(config.model)
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  image_shape = next(iter(train_data.iterator(0)))["image"].shape[1:]
-  variables = initial_variables(config, model, init_rng, image_shape)
+  example_batch = next(iter(train_data.iterator(0)))
+  variables = initial_variables(config, model, init_rng, example_batch["image"].shape[1:])
   learning_rate_fn = optim.learning_rate_schedule(config.optim, total_steps)
   tx = optim.make_optimizer(config.optim, total_steps, variables["params"])
+  # Placing the state on every device checks that all processes hold the same one: the run's first collective.
+  parallel.wait_for_all_processes("initialised")
   state = parallel.replicate(steps.create_train_state(model, tx, variables, state_rng), mesh)
 
   record = checkpoint.model_record(config)
@@ -176,6 +178,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                            apply_fn=model.apply, num_classes=num_scored_classes,
                                            ignore_index=info.ignore_index),
       in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+  compile_ahead(state, example_batch, eval_data, train_step, eval_step, batch_sharding)
+  parallel.wait_for_all_processes("compiled")  # the first train step's all-reduce spans every device
 
   writer = reporting.MetricWriter(workdir, enabled=is_main)
   stop = _StopRequest()
@@ -249,6 +253,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if is_main and "interrupted_at" not in summary:
     _finish(config, workdir, state, eval_data, info)
   return summary
+
+
+def compile_ahead(state, example_batch: dict, eval_data, train_step, eval_step, batch_sharding) -> None:
+  """Compiles the train and eval steps for these shapes now; their first calls then reuse the executables.
+
+  A host that compiles more slowly than its peers then waits at the barrier after this, not in its first
+  collective (see parallel.wait_for_all_processes); one process gets the compile time in its log.
+  """
+  start = time.perf_counter()
+  train_step.lower(state, parallel.global_shapes(example_batch, batch_sharding)).compile()
+  example_eval_batch = next(iter(eval_data), None)
+  if example_eval_batch is not None:
+    eval_step.lower(state, parallel.global_shapes(example_eval_batch, batch_sharding)).compile()
+  logging.info("train and eval steps compiled in %.1f s", time.perf_counter() - start)
 
 
 def _agreed_signal(signal_name: str | None) -> str | None:

@@ -89,9 +89,12 @@ def run_together(*commands: tuple[list[str], dict[str, str]], timeout: float = T
   processes = [subprocess.Popen(argv, env=environ, cwd=REPO_ROOT, stdout=out, stderr=err, text=True)
                for (argv, environ), (out, err) in zip(commands, files)]
   deadline = time.monotonic() + timeout
+  timed_out = False
   try:
     for process in processes:
       process.wait(timeout=max(1.0, deadline - time.monotonic()))
+  except subprocess.TimeoutExpired:
+    timed_out = True
   finally:
     for process in processes:  # one that hangs (e.g. waiting for a dead peer) is not left behind
       if process.poll() is None:
@@ -104,6 +107,9 @@ def run_together(*commands: tuple[list[str], dict[str, str]], timeout: float = T
     results.append(subprocess.CompletedProcess(argv, process.returncode, out.read(), err.read()))
     out.close()
     err.close()
+  if timed_out:  # say what every process was doing: the one that hung is often waiting for one that failed
+    raise AssertionError(f"not all done after {timeout:.0f} s:\n" + "\n".join(
+        f"--- command {i} (exit {r.returncode}): {r.args[-1]}\n{r.stderr[-2500:]}" for i, r in enumerate(results)))
   return results
 
 
@@ -199,11 +205,24 @@ def install_fault(spec: str) -> None:
     kill_before_rename:D[,W]  SIGKILL when orbax is about to rename a finished temporary step into D (a path
                            relative to the workdir, e.g. checkpoints/4), once W (e.g. best/4) exists if given: the
                            step is fully written, commit_success.txt included, but not committed
+    slow_start:S           S seconds of sleep before the model is initialised: a host that compiles or loads its
+                           data that much later than its peers
   """
   name, _, arg = spec.partition(":")
   faults = {"nan_at_step": _nan_at_step, "oom_at_step": _oom_at_step, "kill_in_delete": _kill_in_delete,
-            "kill_before_rename": _kill_before_rename}
+            "kill_before_rename": _kill_before_rename, "slow_start": _slow_start}
   faults[name](arg)
+
+
+def _slow_start(seconds: str) -> None:
+  from fcnjax import steps  # pylint: disable=g-import-not-at-top
+  original = steps.init_variables
+
+  def init_variables(*args, **kwargs):
+    time.sleep(float(seconds))
+    return original(*args, **kwargs)
+
+  steps.init_variables = init_variables
 
 
 def _train_batches_counter(transform):

@@ -17,6 +17,7 @@ from fcnjax import checkpoint
 
 NUM_STEPS = 4
 RUN = (f"--config.train.num_steps={NUM_STEPS}",)
+SLOW_START = 40  # seconds
 
 
 def _free_port() -> int:
@@ -31,9 +32,13 @@ def _host(coordinator: str, process_id: int) -> dict[str, str]:
 
 
 def test_two_processes_train_like_one(tmp_path):
+  """Process 1 starts its model SLOW_START seconds after process 0 (a host slower to load or compile): on CPU,
+  gloo gives up after 30 s on a peer that is late for a first collective, so the run must wait elsewhere."""
   one, two = tmp_path / "one_process", tmp_path / "two_processes"
   coordinator = f"127.0.0.1:{_free_port()}"
-  hosts = [(h.train_command(two, *RUN), h.env(2, **_host(coordinator, i))) for i in range(2)]
+  hosts = [(h.train_command(two, *RUN, inject=f"slow_start:{SLOW_START}" if i else None),
+            h.env(2, **_host(coordinator, i))) for i in range(2)]
+  # The one-process reference runs meanwhile, on the core that the late process leaves idle.
   single, *processes = h.run_together((h.train_command(one, *RUN), h.env(4)), *hosts)
   assert single.returncode == 0, single.stderr[-3000:]
   for i, result in enumerate(processes):
