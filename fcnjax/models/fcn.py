@@ -55,6 +55,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fcnjax.conv import Conv
 from fcnjax.layers import ConvTranspose, bilinear_upsample_init, crop, resize
 from fcnjax.models.vgg import VGG16Features, conv_init, fc6_fc7
 
@@ -87,8 +88,8 @@ def _trunk(x: Array, variant: str, dropout_rate: float, train: bool, dtype: Any)
     return pool3, pool4, fc6_fc7(pool5, dropout_rate, train, dtype)
   h = pool5
   for name in ("conv6", "conv7"):
-    h = nn.Conv(4096, (1, 1), padding="SAME", kernel_init=conv_init, dtype=dtype, param_dtype=jnp.float32,
-                name=name)(h)
+    h = Conv(4096, (1, 1), padding="SAME", kernel_init=conv_init, dtype=dtype, param_dtype=jnp.float32,
+             name=name)(h)
     h = nn.relu(h)
     h = nn.Dropout(dropout_rate, deterministic=not train)(h)
   return pool3, pool4, h
@@ -97,8 +98,8 @@ def _trunk(x: Array, variant: str, dropout_rate: float, train: bool, dtype: Any)
 def _score(x: Array, num_classes: int, name: str, dtype: Any) -> Array:
   # Zero-initialised, as in the reference nets: a new skip starts by contributing nothing, so FCN-16s/8s begin
   # exactly where the coarser net they are fine-tuned from left off, and fresh score_fr starts from zero logits.
-  return nn.Conv(num_classes, (1, 1), kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
-                 dtype=dtype, param_dtype=jnp.float32, name=name)(x)
+  return Conv(num_classes, (1, 1), kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
+              dtype=dtype, param_dtype=jnp.float32, name=name)(x)
 
 
 def _upscore(x: Array, factor: int, variant: str, name: str, dtype: Any) -> Array:

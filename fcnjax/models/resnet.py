@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fcnjax.conv import Conv
 from fcnjax.layers import BatchNorm, max_pool
 
 Array = jax.Array
@@ -30,8 +31,8 @@ def batch_norm(train: bool, dtype: Any, name: str) -> BatchNorm:
 def conv(features: int, kernel: int, dtype: Any, name: str, stride: int = 1, dilation: int = 1,
          padding: int = 0, use_bias: bool = False) -> nn.Conv:
   """nn.Conv2d(kernel, stride, padding, dilation) with explicit symmetric padding as in PyTorch."""
-  return nn.Conv(features, (kernel, kernel), strides=stride, padding=((padding, padding), (padding, padding)),
-                 kernel_dilation=dilation, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name)
+  return Conv(features, (kernel, kernel), strides=stride, padding=((padding, padding), (padding, padding)),
+              kernel_dilation=dilation, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 class Bottleneck(nn.Module):

@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fcnjax.conv import Conv
 from fcnjax.layers import BatchNorm, ConvTranspose, max_pool, pad_or_crop_to, resize
 
 Array = jax.Array
@@ -45,8 +46,8 @@ class DoubleConv(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     for i in (1, 2):
-      x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
-                  param_dtype=jnp.float32, name=f"conv{i}")(x)
+      x = Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
+               param_dtype=jnp.float32, name=f"conv{i}")(x)
       # PyTorch's BatchNorm2d defaults and statistics (fcnjax.layers.BatchNorm).
       x = BatchNorm(use_running_average=not train, momentum=0.1, epsilon=1e-5, dtype=self.dtype, name=f"bn{i}")(x)
       x = nn.relu(x)
@@ -64,7 +65,7 @@ class Up(nn.Module):
     if self.upsampling == "transpose":
       x = ConvTranspose(self.features, kernel_size=2, strides=2, dtype=self.dtype, name="up")(x)
     elif self.upsampling == "bilinear":
-      x = nn.Conv(self.features, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, name="up")(x)
+      x = Conv(self.features, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, name="up")(x)
       x = resize(x, (2 * x.shape[1], 2 * x.shape[2]), "bilinear", align_corners=False)
     else:
       raise ValueError(f"unet: upsampling={self.upsampling!r}; expected one of {UPSAMPLING_MODES}")
@@ -96,7 +97,7 @@ class UNet(nn.Module):
     for i in range(1, self.depth + 1):
       x = Up(widths[self.depth - i], self.upsampling, dtype=self.dtype, name=f"up{i}")(x, skips.pop(), train)
     # num_classes=1 gives one logit per pixel for a sigmoid (binary segmentation).
-    logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, name="outc")(x)
+    logits = Conv(self.num_classes, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, name="outc")(x)
     return {"out": logits}
 
 

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fcnjax.conv import Conv
 from fcnjax.layers import max_pool
 
 Array = jax.Array
@@ -45,8 +46,8 @@ class VGG16Features(nn.Module):
     for block, num_convs, channels in VGG16_BLOCKS:
       for i in range(1, num_convs + 1):
         pad = self.first_conv_padding if (block, i) == (1, 1) else 1
-        x = nn.Conv(channels, (3, 3), padding=((pad, pad), (pad, pad)), kernel_init=conv_init, dtype=self.dtype,
-                    param_dtype=jnp.float32, name=f"conv{block}_{i}")(x)
+        x = Conv(channels, (3, 3), padding=((pad, pad), (pad, pad)), kernel_init=conv_init, dtype=self.dtype,
+                 param_dtype=jnp.float32, name=f"conv{block}_{i}")(x)
         x = nn.relu(x)
       x = max_pool(x, 2, 2, ceil_mode=self.ceil_mode)
       pools.append(x)
@@ -68,8 +69,8 @@ class VGG16(nn.Module):
     if min(pool5.shape[1:3]) < 7:
       raise ValueError(f"vgg16 needs inputs of at least 224x224 (pool5 >= 7x7 for fc6), got {x.shape[1:3]}")
     x = fc6_fc7(pool5, self.dropout_rate, train, self.dtype)
-    x = nn.Conv(self.num_classes, (1, 1), kernel_init=fc_init, dtype=self.dtype, param_dtype=jnp.float32,
-                name="fc8")(x)
+    x = Conv(self.num_classes, (1, 1), kernel_init=fc_init, dtype=self.dtype, param_dtype=jnp.float32,
+             name="fc8")(x)
     return {"out": x}
 
 
@@ -82,8 +83,8 @@ def fc6_fc7(pool5: Array, dropout_rate: float, train: bool, dtype: Any) -> Array
   """
   x = pool5
   for name, window in (("fc6", 7), ("fc7", 1)):
-    x = nn.Conv(4096, (window, window), padding="VALID", kernel_init=fc_init, dtype=dtype, param_dtype=jnp.float32,
-                name=name)(x)
+    x = Conv(4096, (window, window), padding="VALID", kernel_init=fc_init, dtype=dtype, param_dtype=jnp.float32,
+             name=name)(x)
     x = nn.relu(x)
     x = nn.Dropout(dropout_rate, deterministic=not train)(x)
   return x
