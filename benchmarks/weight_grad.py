@@ -44,7 +44,8 @@ def main():
   rng = np.random.default_rng(0)
   rows = []
   print(f"{jax.devices()[0].device_kind}, batch {args.batch}, float32")
-  print("| size | in -> out | kernel/stride | forward ms | XLA d_kernel ms | strips d_kernel ms | speed-up | rel. diff |")
+  print("| size | in -> out | kernel/stride | forward ms | XLA d_kernel ms | strips d_kernel ms | speed-up "
+        "| rel. diff |")
   print("|---|---|---|---|---|---|---|---|")
   for size, cin, cout, k, stride in CASES:
     pad = ((k // 2, k // 2),) * 2

@@ -38,7 +38,12 @@ def _manager(directory: str, keep: int, best: bool, writable: bool) -> ocp.Check
       max_to_keep=keep, create=writable, cleanup_tmp_directories=writable,
       todelete_subdir=TO_DELETE if writable else None,
       best_fn=(lambda m: m["miou"]) if best else None, best_mode="max",
-      keep_checkpoints_without_metrics=not best)
+      keep_checkpoints_without_metrics=not best,
+      # Orbax names its cross-process barriers after the step ("async_write_complete.4"): without a prefix per
+      # manager, saving step 4 to best/ and checkpoints/ at once crosses their barriers, and process 0 may
+      # finalise one before the other processes have written it ("ArrayMetadata Store contains metadata from
+      # just one process").
+      multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="best" if best else "latest"))
   # A reader lists the step directories, then reads each one's metadata; the training run may retire a step in
   # between (orbax's retention), and orbax then raises FileNotFoundError for it. Listing again sees the new state.
   attempts = 1 if writable else READ_ATTEMPTS
