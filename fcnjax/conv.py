@@ -8,7 +8,7 @@ image (9x the input for a 3x3 kernel) costs more than it saves. So the product i
 rows: each strip's patches fit in cache and feed one GEMM, which XLA:CPU runs near its forward-convolution speed.
 Other backends (cuDNN) keep XLA's own gradient: lax.platform_dependent picks per platform when compiling.
 
-Same values as XLA's gradient up to float32 summation order (tests/test_layers.py checks both against PyTorch).
+Same values as XLA's gradient up to float32 summation order (tests/test_conv.py checks both against PyTorch).
 """
 from __future__ import annotations
 
