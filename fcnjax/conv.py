@@ -22,9 +22,22 @@ from jax import lax
 
 Array = jax.Array
 NHWC = ("NHWC", "HWIO", "NHWC")
-# Rows of patches per GEMM: (strip rows x output width x batch) ~ this. A 3x3, 64-channel strip is then ~2.4 MB,
-# within one core's L2; 1024-8192 measured within 10% of each other, 50k+ (whole images) 2x slower.
-STRIP_GEMM_ROWS = 4096
+# Rows of patches per GEMM: (strip rows x output width x batch) ~ STRIP_PATCH_BYTES / (bytes of one patch row),
+# within [MIN, MAX]_STRIP_GEMM_ROWS. A 3x3, 64-channel strip is then ~1800 rows (4 MiB); a 512-channel one 512 rows.
+# Measured by benchmarks/conv_layers.py against a fixed 4096 rows: 1.1-1.4x at 112x112x128 to 28x28x512; fewer
+# than ~512 rows made 14x14x1024 slower.
+STRIP_PATCH_BYTES = 4 << 20
+MIN_STRIP_GEMM_ROWS = 512
+MAX_STRIP_GEMM_ROWS = 4096
+# Kernels with at most this many output channels keep XLA's gradient: the strips' GEMM is then too narrow (16
+# columns) and XLA's own was 1.4-2x faster on the quickstart's 64x64, 16-channel layers.
+MAX_XLA_GRAD_OUT_CHANNELS = 16
+
+
+def strip_gemm_rows(kernel_shape: Sequence[int], itemsize: int) -> int:
+  """Patch rows per GEMM for a kernel (kh, kw, cin, cout) and the activations' bytes per element."""
+  kh, kw, cin, _ = kernel_shape
+  return min(MAX_STRIP_GEMM_ROWS, max(MIN_STRIP_GEMM_ROWS, STRIP_PATCH_BYTES // (kh * kw * cin * itemsize)))
 
 
 def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], padding: Any,
@@ -58,19 +71,92 @@ def _lax_conv(x, kernel, strides, pads, dilation, precision):
                                   precision=precision)
 
 
+def _out_hw(x_shape, kernel_shape, strides, pads, dilation) -> tuple[int, int]:
+  return tuple((size + lo + hi - (k - 1) * d - 1) // s + 1
+               for size, k, s, (lo, hi), d in zip(x_shape[1:3], kernel_shape[:2], strides, pads, dilation))
+
+
+def by_gemm(x_shape, kernel_shape, strides, pads, dilation) -> bool:
+  """Whether the forward pass and input gradient are one GEMM on CPU: for 1x1 kernels (no patches to build), and
+  where the patch matrix (one row per output pixel) is no bigger than the kernel, i.e. n * out_h * out_w <= out
+  channels: fc6/fc7, the U-Net's 14x14 bottleneck. There XLA:CPU's convolution ran at a fifth to two thirds of
+  the GEMM's speed (benchmarks/conv_layers.py); at higher resolutions its own convolutions are faster."""
+  kh, kw, _, cout = kernel_shape
+  out_h, out_w = _out_hw(x_shape, kernel_shape, strides, pads, dilation)
+  return (kh, kw) == (1, 1) or x_shape[0] * out_h * out_w <= cout
+
+
+def _pad_hw(x, pads):
+  return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+
+
+def _patches(x_padded, kernel_hw, out_hw, strides, dilation) -> Array:
+  """(n * out_h * out_w, kh * kw * cin) patch matrix of an already padded NHWC input: kh * kw strided slices side
+  by side, in HWIO's (kh, kw, cin) order."""
+  n, _, _, cin = x_padded.shape
+  (kh, kw), (out_h, out_w), (sh, sw), (dh, dw) = kernel_hw, out_hw, strides, dilation
+  taps = [lax.slice(x_padded, (0, i * dh, j * dw, 0), (n, i * dh + (out_h - 1) * sh + 1,
+                                                       j * dw + (out_w - 1) * sw + 1, cin), (1, sh, sw, 1))
+          for i in range(kh) for j in range(kw)]
+  return (jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]).reshape(-1, kh * kw * cin)
+
+
+def conv_by_gemm(x: Array, kernel: Array, strides, pads, dilation, precision=None) -> Array:
+  """The convolution as patches(x) @ kernel (same values as lax's up to float32 summation order)."""
+  kh, kw, cin, cout = kernel.shape
+  out_h, out_w = _out_hw(x.shape, kernel.shape, strides, pads, dilation)
+  patches = _patches(_pad_hw(x, pads), (kh, kw), (out_h, out_w), strides, dilation)
+  y = lax.dot(patches, kernel.reshape(kh * kw * cin, cout), precision=precision)
+  return y.reshape(x.shape[0], out_h, out_w, cout)
+
+
+def input_grad_by_gemm(dy: Array, kernel: Array, x_shape, strides, pads, dilation, precision=None) -> Array:
+  """d(loss)/d(x) as one GEMM, dy @ kernel^T (a column per patch element), then each kernel tap's columns added
+  back where that tap read the input (col2im). The kernel is read in place: no flipped copy of it."""
+  kh, kw, cin, cout = kernel.shape
+  n, out_h, out_w, _ = dy.shape
+  (sh, sw), (dh, dw) = strides, dilation
+  padded_h, padded_w = (size + lo + hi for size, (lo, hi) in zip(x_shape[1:3], pads))
+  columns = lax.dot_general(dy.reshape(-1, cout), kernel.reshape(kh * kw * cin, cout), (((1,), (1,)), ((), ())),
+                            precision=precision).reshape(n, out_h, out_w, kh * kw, cin)
+  total = None
+  for tap in range(kh * kw):
+    i, j = divmod(tap, kw)
+    top, left = i * dh, j * dw
+    # The inverse of _patches' strided slice: interior padding puts the columns back at stride spacing.
+    placed = lax.pad(columns[:, :, :, tap], jnp.zeros((), dy.dtype),
+                     ((0, 0, 0), (top, padded_h - top - (out_h - 1) * sh - 1, sh - 1),
+                      (left, padded_w - left - (out_w - 1) * sw - 1, sw - 1), (0, 0, 0)))
+    total = placed if total is None else total + placed
+  return _pad_hw(total, tuple((-lo, -hi) for lo, hi in pads))
+
+
+def _forward(x, kernel, strides, pads, dilation, precision):
+  if not by_gemm(x.shape, kernel.shape, strides, pads, dilation):
+    return _lax_conv(x, kernel, strides, pads, dilation, precision)
+  return lax.platform_dependent(
+      x, kernel, cpu=lambda x, k: conv_by_gemm(x, k, strides, pads, dilation, precision),
+      default=lambda x, k: _lax_conv(x, k, strides, pads, dilation, precision))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _conv(x, kernel, strides, pads, dilation, precision):
-  return _lax_conv(x, kernel, strides, pads, dilation, precision)
+  return _forward(x, kernel, strides, pads, dilation, precision)
 
 
 def _conv_fwd(x, kernel, strides, pads, dilation, precision):
-  return _lax_conv(x, kernel, strides, pads, dilation, precision), (x, kernel)
+  return _forward(x, kernel, strides, pads, dilation, precision), (x, kernel)
 
 
 def _conv_bwd(strides, pads, dilation, precision, residuals, dy):
   x, kernel = residuals
-  # The input gradient is a forward convolution of dy with the flipped kernel, which XLA:CPU runs well: keep it.
-  dx = jax.vjp(lambda x: _lax_conv(x, kernel, strides, pads, dilation, precision), x)[1](dy)[0]
+
+  def xla_input_grad(dy, kernel):
+    # A forward convolution of dy with the flipped kernel, which XLA:CPU runs well at high resolutions.
+    return jax.vjp(lambda x: _lax_conv(x, kernel, strides, pads, dilation, precision), x)[1](dy)[0]
+
+  def gemm_input_grad(dy, kernel):
+    return input_grad_by_gemm(dy, kernel, x.shape, strides, pads, dilation, precision)
 
   def xla_weight_grad(x, dy):
     return jax.vjp(lambda k: _lax_conv(x, k, strides, pads, dilation, precision), kernel)[1](dy)[0]
@@ -78,6 +164,12 @@ def _conv_bwd(strides, pads, dilation, precision, residuals, dy):
   def strip_weight_grad(x, dy):
     return weight_grad_by_strips(x, dy, kernel.shape, strides, pads, dilation, precision).astype(kernel.dtype)
 
+  if by_gemm(x.shape, kernel.shape, strides, pads, dilation):
+    dx = lax.platform_dependent(dy, kernel, cpu=gemm_input_grad, default=xla_input_grad)
+  else:
+    dx = xla_input_grad(dy, kernel)
+  if kernel.shape[3] <= MAX_XLA_GRAD_OUT_CHANNELS:
+    return dx, xla_weight_grad(x, dy)
   dk = lax.platform_dependent(x, dy, cpu=strip_weight_grad, default=xla_weight_grad)
   return dx, dk
 
@@ -95,26 +187,23 @@ def strip_rows(out_h: int, target: int) -> int:
 
 def weight_grad_by_strips(x: Array, dy: Array, kernel_shape: Sequence[int], strides: Sequence[int],
                           pads: Sequence[tuple[int, int]], dilation: Sequence[int], precision: Any = None,
-                          gemm_rows: int = STRIP_GEMM_ROWS) -> Array:
+                          gemm_rows: int | None = None) -> Array:
   """d(loss)/d(kernel) of a NHWC/HWIO convolution, in float32: sum over strips of output rows of
   patches(strip)^T @ dy(strip), the patches gathered per strip (kh * kw strided slices side by side)."""
   kh, kw, cin, cout = kernel_shape
   n, out_h, out_w, _ = dy.shape
   (sh, sw), (dh, dw) = strides, dilation
-  x = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+  x = _pad_hw(x, pads)
 
   def strip_grad(x_rows, dy_rows):
-    rows = dy_rows.shape[1]
-    taps = [lax.slice(x_rows, (0, i * dh, j * dw, 0), (n, i * dh + (rows - 1) * sh + 1, j * dw + (out_w - 1) * sw + 1,
-                                                       cin), (1, sh, sw, 1))
-            for i in range(kh) for j in range(kw)]
-    patches = (jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]).reshape(-1, kh * kw * cin)
+    patches = _patches(x_rows, (kh, kw), (dy_rows.shape[1], out_w), strides, dilation)
     return lax.dot_general(patches, dy_rows.reshape(-1, cout), (((0,), (0,)), ((), ())), precision=precision,
                            preferred_element_type=jnp.float32)
 
   def input_rows(rows):  # input rows that `rows` output rows read
     return (rows - 1) * sh + (kh - 1) * dh + 1
 
+  gemm_rows = gemm_rows or strip_gemm_rows(kernel_shape, x.dtype.itemsize)
   rows = strip_rows(out_h, gemm_rows // max(1, n * out_w))
   num_strips, tail = divmod(out_h, rows)
 
@@ -123,11 +212,10 @@ def weight_grad_by_strips(x: Array, dy: Array, kernel_shape: Sequence[int], stri
     dy_rows = lax.dynamic_slice_in_dim(dy, s * rows, rows, axis=1)
     return total + strip_grad(x_rows, dy_rows), None
 
-  total = jnp.zeros((kh * kw * cin, cout), jnp.float32)
-  if num_strips == 1:
+  if num_strips == 1:  # rows <= out_h: there is at least one strip
     total = strip_grad(x[:, :input_rows(rows)], dy[:, :rows])
-  elif num_strips > 1:
-    total, _ = lax.scan(body, total, jnp.arange(num_strips))
+  else:
+    total, _ = lax.scan(body, jnp.zeros((kh * kw * cin, cout), jnp.float32), jnp.arange(num_strips))
   if tail:
     start = num_strips * rows
     total = total + strip_grad(x[:, start * sh:start * sh + input_rows(tail)], dy[:, start:])

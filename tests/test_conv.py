@@ -37,7 +37,10 @@ def _torch_conv(x, kernel, stride, padding, dilation):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "n{}_{}x{}_{}to{}_k{}s{}_p{}_d{}".format(*c[:7], c[7], c[8]))
-def test_conv_and_its_gradients_match_torch(case):
+@pytest.mark.parametrize("xla_grad_channels", [0, conv.MAX_XLA_GRAD_OUT_CHANNELS], ids=["strips", "default"])
+def test_conv_and_its_gradients_match_torch(case, xla_grad_channels, monkeypatch):
+  # These cases are small enough that by default their weight gradients are XLA's: 0 sends every one to the strips.
+  monkeypatch.setattr(conv, "MAX_XLA_GRAD_OUT_CHANNELS", xla_grad_channels)
   n, h, w, cin, cout, k, stride, padding, dilation = case
   rng = np.random.default_rng(0)
   x = rng.standard_normal((n, h, w, cin)).astype(np.float32)
@@ -59,6 +62,47 @@ def test_conv_and_its_gradients_match_torch(case):
     strips = conv.weight_grad_by_strips(jnp.asarray(x), jnp.asarray(dy), kernel.shape, (stride, stride), padding,
                                         (dilation, dilation), gemm_rows=rows * n * dy.shape[2])
     np.testing.assert_allclose(np.asarray(strips), dk_ref, atol=1e-5 * scale(dk_ref))
+  # The GEMM forms of the forward pass and the input gradient (what by_gemm picks on CPU for some shapes).
+  gemm_y = conv.conv_by_gemm(jnp.asarray(x), jnp.asarray(kernel), (stride, stride), padding, (dilation, dilation))
+  np.testing.assert_allclose(np.asarray(gemm_y), y_ref, atol=1e-5 * scale(y_ref))
+  gemm_dx = conv.input_grad_by_gemm(jnp.asarray(dy), jnp.asarray(kernel), x.shape, (stride, stride), padding,
+                                    (dilation, dilation))
+  np.testing.assert_allclose(np.asarray(gemm_dx), dx_ref, atol=1e-5 * scale(dx_ref))
+
+
+def test_narrow_kernels_keep_xlas_weight_gradient():
+  """Up to MAX_XLA_GRAD_OUT_CHANNELS output channels the gradient is XLA's on every platform; wider kernels get the
+  per-platform choice (strips on CPU)."""
+  x = jnp.zeros((1, 8, 8, 4))
+
+  def grad_jaxpr(cout):
+    loss = lambda k: conv.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=conv.NHWC).sum()  # noqa: E731
+    return str(jax.make_jaxpr(jax.grad(loss))(jnp.ones((3, 3, 4, cout))))
+
+  assert "platform_index" not in grad_jaxpr(conv.MAX_XLA_GRAD_OUT_CHANNELS)
+  assert "platform_index" in grad_jaxpr(conv.MAX_XLA_GRAD_OUT_CHANNELS + 1)
+
+
+def test_gemm_form_is_picked_for_1x1_kernels_and_few_output_pixels():
+  assert conv.by_gemm((2, 56, 56, 256), (1, 1, 256, 64), (2, 2), ((0, 0), (0, 0)), (1, 1))
+  assert conv.by_gemm((2, 14, 14, 512), (7, 7, 512, 4096), (1, 1), ((0, 0), (0, 0)), (1, 1))  # fc6: 128 pixels
+  assert conv.by_gemm((2, 14, 14, 1024), (3, 3, 1024, 1024), (1, 1), ((1, 1), (1, 1)), (1, 1))  # 392 pixels
+  assert not conv.by_gemm((2, 28, 28, 512), (3, 3, 512, 512), (1, 1), ((1, 1), (1, 1)), (1, 1))  # 1568 pixels
+  x = jnp.zeros((1, 8, 8, 4))
+
+  def jaxprs(kernel_shape):
+    f = lambda x, k: conv.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=conv.NHWC)  # noqa: E731
+    kernel = jnp.ones(kernel_shape)
+    return str(jax.make_jaxpr(f)(x, kernel)), str(jax.make_jaxpr(jax.grad(lambda x: f(x, kernel).sum()))(x))
+
+  assert all("platform_index" in j for j in jaxprs((1, 1, 4, 8)))
+  assert not any("platform_index" in j for j in jaxprs((3, 3, 4, 8)))  # 64 pixels > 8 channels: XLA's
+
+
+def test_strip_gemm_rows_follow_the_patch_bytes():
+  assert conv.strip_gemm_rows((3, 3, 64, 64), 4) == conv.STRIP_PATCH_BYTES // (9 * 64 * 4)
+  assert conv.strip_gemm_rows((3, 3, 2048, 512), 4) == conv.MIN_STRIP_GEMM_ROWS
+  assert conv.strip_gemm_rows((3, 3, 3, 64), 4) == conv.MAX_STRIP_GEMM_ROWS
 
 
 def test_strip_rows_divides_when_it_can():

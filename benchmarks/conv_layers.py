@@ -1,0 +1,106 @@
+"""Each part of a convolution on this device, XLA's own against the form fcnjax.conv uses, per layer shape.
+
+    python -m benchmarks.conv_layers [--batch 2] [--out runs/bench/conv_layers.json]
+
+For every case: the forward pass, the input gradient and the weight gradient, jitted and timed alone (median of
+--repeats after a warm-up), as lax computes them and as fcnjax.conv does on CPU: patches @ kernel and dy @ kernel^T +
+col2im where `conv.by_gemm` picks them, the strip-wise weight gradient where the kernel has more than
+`conv.MAX_XLA_GRAD_OUT_CHANNELS` output channels ("=" where fcnjax keeps XLA's). Each of our results is checked
+against XLA's. Shapes: the U-Net's 3x3 layers at 224x224 (64..1024 channels, a decoder's 128 -> 64), its first
+layer, ResNet-50's 3x3/2, 7x7/2 and 1x1 layers, fcn_resnet50's classifier conv, fcn8s's fc6 and fc7, and the
+quickstart U-Net's 16-channel layers at batch 16.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from fcnjax import conv
+
+# (batch or 0 for --batch, size, in, out, kernel, stride, padding)
+CASES = [(0, 224, 3, 64, 3, 1, 1), (0, 224, 64, 64, 3, 1, 1), (0, 224, 128, 64, 3, 1, 1), (0, 112, 128, 128, 3, 1, 1),
+         (0, 56, 256, 256, 3, 1, 1), (0, 28, 512, 512, 3, 1, 1), (0, 14, 1024, 1024, 3, 1, 1),
+         (0, 112, 128, 128, 3, 2, 1), (0, 224, 3, 64, 7, 2, 3), (0, 56, 64, 256, 1, 1, 0), (0, 56, 256, 128, 1, 2, 0),
+         (0, 28, 1024, 2048, 1, 1, 0), (0, 28, 2048, 512, 3, 1, 1), (0, 14, 512, 4096, 7, 1, 0),
+         (0, 8, 4096, 4096, 1, 1, 0), (16, 64, 16, 16, 3, 1, 1), (16, 64, 32, 16, 3, 1, 1)]
+
+
+def _median_ms(fn, *args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return 1e3 * float(np.median(times))
+
+
+def _parts(x, kernel, strides, pads):
+  """{part: (XLA's function, ours or None where fcnjax keeps XLA's, its arguments)}."""
+  dilation = (1, 1)
+
+  def forward(x, kernel):
+    return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=conv.NHWC)
+
+  dy = jnp.asarray(np.random.default_rng(1).standard_normal(jax.eval_shape(forward, x, kernel).shape), jnp.float32)
+  gemm = conv.by_gemm(x.shape, kernel.shape, strides, pads, dilation)
+  strips = kernel.shape[3] > conv.MAX_XLA_GRAD_OUT_CHANNELS
+  return {
+      "forward": (forward, (lambda x, k: conv.conv_by_gemm(x, k, strides, pads, dilation)) if gemm else None,
+                  (x, kernel)),
+      "input grad": (lambda dy, k: jax.vjp(lambda x: forward(x, k), x)[1](dy)[0],
+                     (lambda dy, k: conv.input_grad_by_gemm(dy, k, x.shape, strides, pads, dilation)) if gemm
+                     else None, (dy, kernel)),
+      "weight grad": (lambda x, dy: jax.vjp(lambda k: forward(x, k), kernel)[1](dy)[0],
+                      (lambda x, dy: conv.weight_grad_by_strips(x, dy, kernel.shape, strides, pads, dilation))
+                      if strips else None, (x, dy)),
+  }
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--out", default="")
+  args = parser.parse_args()
+  rng = np.random.default_rng(0)
+  rows = []
+  print(f"{jax.devices()[0].device_kind}, float32; ms as XLA / fcnjax.conv (= where fcnjax keeps XLA's)")
+  print("| batch | size | in -> out | kernel/stride | forward ms | input grad ms | weight grad ms | max rel. diff |")
+  print("|---|---|---|---|---|---|---|---|")
+  for batch, size, cin, cout, k, stride, pad in CASES:
+    batch = batch or args.batch
+    x = jnp.asarray(rng.standard_normal((batch, size, size, cin)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((k, k, cin, cout)), jnp.float32)
+    row = dict(batch=batch, size=size, cin=cin, cout=cout, kernel=k, stride=stride, padding=pad, relative_diff=0.0)
+    cells = []
+    for part, (xla, ours, inputs) in _parts(x, kernel, (stride, stride), ((pad, pad), (pad, pad))).items():
+      xla = jax.jit(xla)
+      row[part] = {"xla_ms": _median_ms(xla, *inputs, repeats=args.repeats)}
+      if ours is None:
+        cells.append(f"{row[part]['xla_ms']:.1f} / =")
+        continue
+      ours = jax.jit(ours)
+      reference, result = np.asarray(xla(*inputs)), np.asarray(ours(*inputs))
+      row["relative_diff"] = max(row["relative_diff"],
+                                 float(np.max(np.abs(result - reference)) / np.max(np.abs(reference))))
+      row[part]["ours_ms"] = _median_ms(ours, *inputs, repeats=args.repeats)
+      cells.append(f"{row[part]['xla_ms']:.1f} / {row[part]['ours_ms']:.1f}")
+    rows.append(row)
+    print(f"| {batch} | {size} | {cin} -> {cout} | {k}/{stride} | {' | '.join(cells)} | {row['relative_diff']:.1e} |",
+          flush=True)
+  if args.out:
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump({"device": jax.devices()[0].device_kind, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
