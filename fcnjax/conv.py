@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from fcnjax import windows
+
 Array = jax.Array
 NHWC = ("NHWC", "HWIO", "NHWC")
 # Rows of patches per GEMM: (strip rows x output width x batch) ~ STRIP_PATCH_BYTES / (bytes of one patch row),
@@ -71,41 +73,29 @@ def _lax_conv(x, kernel, strides, pads, dilation, precision):
                                   precision=precision)
 
 
-def _out_hw(x_shape, kernel_shape, strides, pads, dilation) -> tuple[int, int]:
-  return tuple((size + lo + hi - (k - 1) * d - 1) // s + 1
-               for size, k, s, (lo, hi), d in zip(x_shape[1:3], kernel_shape[:2], strides, pads, dilation))
-
-
 def by_gemm(x_shape, kernel_shape, strides, pads, dilation) -> bool:
   """Whether the forward pass and input gradient are one GEMM on CPU: for 1x1 kernels (no patches to build), and
   where the patch matrix (one row per output pixel) is no bigger than the kernel, i.e. n * out_h * out_w <= out
   channels: fc6/fc7, the U-Net's 14x14 bottleneck. There XLA:CPU's convolution ran at a fifth to two thirds of
   the GEMM's speed (benchmarks/conv_layers.py); at higher resolutions its own convolutions are faster."""
   kh, kw, _, cout = kernel_shape
-  out_h, out_w = _out_hw(x_shape, kernel_shape, strides, pads, dilation)
+  out_h, out_w = windows.out_hw(x_shape[1:3], kernel_shape[:2], strides, pads, dilation)
   return (kh, kw) == (1, 1) or x_shape[0] * out_h * out_w <= cout
 
 
-def _pad_hw(x, pads):
-  return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
-
-
-def _patches(x_padded, kernel_hw, out_hw, strides, dilation) -> Array:
-  """(n * out_h * out_w, kh * kw * cin) patch matrix of an already padded NHWC input: kh * kw strided slices side
-  by side, in HWIO's (kh, kw, cin) order."""
-  n, _, _, cin = x_padded.shape
-  (kh, kw), (out_h, out_w), (sh, sw), (dh, dw) = kernel_hw, out_hw, strides, dilation
-  taps = [lax.slice(x_padded, (0, i * dh, j * dw, 0), (n, i * dh + (out_h - 1) * sh + 1,
-                                                       j * dw + (out_w - 1) * sw + 1, cin), (1, sh, sw, 1))
-          for i in range(kh) for j in range(kw)]
-  return (jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]).reshape(-1, kh * kw * cin)
+def _patches(x_padded, kernel_hw, out, strides, dilation) -> Array:
+  """(n * out_h * out_w, kh * kw * cin) patch matrix of an already padded NHWC input, in HWIO's (kh, kw, cin)
+  order: the window's taps side by side."""
+  kh, kw = kernel_hw
+  taps = [windows.tap(x_padded, i, j, out, strides, dilation) for i in range(kh) for j in range(kw)]
+  return (jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]).reshape(-1, kh * kw * x_padded.shape[3])
 
 
 def conv_by_gemm(x: Array, kernel: Array, strides, pads, dilation, precision=None) -> Array:
   """The convolution as patches(x) @ kernel (same values as lax's up to float32 summation order)."""
   kh, kw, cin, cout = kernel.shape
-  out_h, out_w = _out_hw(x.shape, kernel.shape, strides, pads, dilation)
-  patches = _patches(_pad_hw(x, pads), (kh, kw), (out_h, out_w), strides, dilation)
+  out_h, out_w = windows.out_hw(x.shape[1:3], kernel.shape[:2], strides, pads, dilation)
+  patches = _patches(windows.pad_hw(x, pads), (kh, kw), (out_h, out_w), strides, dilation)
   y = lax.dot(patches, kernel.reshape(kh * kw * cin, cout), precision=precision)
   return y.reshape(x.shape[0], out_h, out_w, cout)
 
@@ -115,20 +105,12 @@ def input_grad_by_gemm(dy: Array, kernel: Array, x_shape, strides, pads, dilatio
   back where that tap read the input (col2im). The kernel is read in place: no flipped copy of it."""
   kh, kw, cin, cout = kernel.shape
   n, out_h, out_w, _ = dy.shape
-  (sh, sw), (dh, dw) = strides, dilation
-  padded_h, padded_w = (size + lo + hi for size, (lo, hi) in zip(x_shape[1:3], pads))
+  padded_hw = tuple(size + lo + hi for size, (lo, hi) in zip(x_shape[1:3], pads))
   columns = lax.dot_general(dy.reshape(-1, cout), kernel.reshape(kh * kw * cin, cout), (((1,), (1,)), ((), ())),
                             precision=precision).reshape(n, out_h, out_w, kh * kw, cin)
-  total = None
-  for tap in range(kh * kw):
-    i, j = divmod(tap, kw)
-    top, left = i * dh, j * dw
-    # The inverse of _patches' strided slice: interior padding puts the columns back at stride spacing.
-    placed = lax.pad(columns[:, :, :, tap], jnp.zeros((), dy.dtype),
-                     ((0, 0, 0), (top, padded_h - top - (out_h - 1) * sh - 1, sh - 1),
-                      (left, padded_w - left - (out_w - 1) * sw - 1, sw - 1), (0, 0, 0)))
-    total = placed if total is None else total + placed
-  return _pad_hw(total, tuple((-lo, -hi) for lo, hi in pads))
+  total = sum(windows.untap(columns[:, :, :, tap], *divmod(tap, kw), padded_hw, strides, dilation)
+              for tap in range(kh * kw))
+  return windows.pad_hw(total, tuple((-lo, -hi) for lo, hi in pads))
 
 
 def _forward(x, kernel, strides, pads, dilation, precision):
@@ -193,7 +175,7 @@ def weight_grad_by_strips(x: Array, dy: Array, kernel_shape: Sequence[int], stri
   kh, kw, cin, cout = kernel_shape
   n, out_h, out_w, _ = dy.shape
   (sh, sw), (dh, dw) = strides, dilation
-  x = _pad_hw(x, pads)
+  x = windows.pad_hw(x, pads)
 
   def strip_grad(x_rows, dy_rows):
     patches = _patches(x_rows, (kh, kw), (dy_rows.shape[1], out_w), strides, dilation)

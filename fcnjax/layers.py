@@ -6,6 +6,7 @@ jax.image, whose resize antialiases when shrinking and rounds 'nearest' differen
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -13,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from fcnjax import windows
 
 Array = jax.Array
 PairLike = int | Sequence[int]
@@ -299,7 +302,42 @@ def max_pool(x: Array, window: PairLike, stride: PairLike | None = None, padding
     if ceil_mode and (out - 1) * s >= size + p:
       out -= 1
     pads.append((p, max((out - 1) * s + k - size - p, 0)))
-  return nn.max_pool(x, window, strides=stride, padding=pads)
+  return _max_pool(x, window, stride, tuple(pads))
+
+
+# Written as a maximum over the window's taps, with its own gradient: JAX's gradient of reduce_window (value and
+# index pairs through select_and_gather_add) took 74 ms for a 2x2 pool of a 224x224x64 batch of two on XLA:CPU,
+# this one 3 ms, with the same values.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x, window, strides, pads):
+  return _max_pool_fwd(x, window, strides, pads)[0]
+
+
+def _pool_taps(x, window, strides, pads):
+  padded = windows.pad_hw(x, pads, -jnp.inf)
+  out = windows.out_hw(x.shape[1:3], window, strides, pads)
+  return [windows.tap(padded, i, j, out, strides) for i in range(window[0]) for j in range(window[1])]
+
+
+def _max_pool_fwd(x, window, strides, pads):
+  y = functools.reduce(jnp.maximum, _pool_taps(x, window, strides, pads))
+  return y, (x, y)
+
+
+def _max_pool_bwd(window, strides, pads, residuals, dy):
+  x, y = residuals
+  padded_hw = tuple(size + lo + hi for size, (lo, hi) in zip(x.shape[1:3], pads))
+  taken = jnp.zeros(y.shape, bool)
+  dx = jnp.zeros((x.shape[0], *padded_hw, x.shape[3]), dy.dtype)
+  for index, value in enumerate(_pool_taps(x, window, strides, pads)):
+    # As PyTorch: the whole gradient goes to the first maximum in window order (a NaN counts as a maximum).
+    hit = ((value == y) | jnp.isnan(value)) & ~taken
+    taken = taken | hit
+    dx = dx + windows.untap(jnp.where(hit, dy, 0), *divmod(index, window[1]), padded_hw, strides)
+  return (windows.pad_hw(dx, tuple((-lo, -hi) for lo, hi in pads)),)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def crop(x: Array, offset: PairLike, size: PairLike) -> Array:
