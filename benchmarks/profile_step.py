@@ -17,7 +17,9 @@ from the optimised HLO (compiled.as_text()):
   copies (a fixed cost per step: XLA flips and io-swaps every kernel for the input-gradient convolutions) and
   activation-shaped ones; reduce (BatchNorm statistics, the loss, max-pool gradients); elementwise (other fusions).
 Times are summed over the executing threads and divided by the number of profiled steps: with thunks running in
-parallel the total can exceed the step's wall time, which is printed next to it.
+parallel the total can exceed the step's wall time, which is printed next to it. Caveat: XLA:CPU runs some plain
+dots asynchronously, and their events then time the launch, not the work (a 6.6 GFLOP dot_general of fcnjax.conv's
+weight gradient showed 5 ms): the "dot" row can be far too low, and only the wall time is a reliable total.
 """
 from __future__ import annotations
 

@@ -1,14 +1,18 @@
-"""Convolution with the same forward pass and input gradient as lax.conv_general_dilated, and a faster weight
-gradient on CPU.
+"""Convolution with lax.conv_general_dilated's signature and values, on CPU in the forms XLA:CPU runs fastest.
 
-XLA:CPU computes a convolution's weight gradient as a convolution whose "kernel" is the whole output gradient; on
-this project's 2-core Xeon that is 3-9x the time of the forward convolution (docs/performance.md) and most of a CPU
-train step. The weight gradient is one matrix product, patches(x)^T @ dy, but materialising every patch of a large
-image (9x the input for a 3x3 kernel) costs more than it saves. So the product is accumulated over strips of output
-rows: each strip's patches fit in cache and feed one GEMM, which XLA:CPU runs near its forward-convolution speed.
-Other backends (cuDNN) keep XLA's own gradient: lax.platform_dependent picks per platform when compiling.
+On this project's 2-core Xeon (docs/performance.md, benchmarks/conv_layers.py), XLA:CPU computes a convolution's
+weight gradient as a convolution whose "kernel" is the whole output gradient, at 3-9x the forward's time, and its
+convolutions with few output pixels and many channels (fc6/fc7, 1x1 layers, a 14x14 bottleneck) at a fifth to two
+thirds of its GEMM speed. So, on CPU only:
+- weight gradient: patches(x)^T @ dy accumulated over strips of output rows (`weight_grad_by_strips`), each strip's
+  patch matrix small enough to stay in cache and feed one GEMM; kernels with at most MAX_XLA_GRAD_OUT_CHANNELS
+  output channels keep XLA's gradient, which is faster there;
+- forward pass and input gradient, where `by_gemm` says so: patches @ kernel, and dy @ kernel^T put back by
+  col2im, which also reads the kernel in place instead of copying a flipped one each step;
+- everything else, and every other backend (cuDNN), stays XLA's: lax.platform_dependent picks per platform when
+  compiling.
 
-Same values as XLA's gradient up to float32 summation order (tests/test_conv.py checks both against PyTorch).
+Same values as lax up to float32 summation order (tests/test_conv.py checks all three parts against PyTorch).
 """
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ MAX_STRIP_GEMM_ROWS = 4096
 # Kernels with at most this many output channels keep XLA's gradient: the strips' GEMM is then too narrow (16
 # columns) and XLA's own was 1.4-2x faster on the quickstart's 64x64, 16-channel layers.
 MAX_XLA_GRAD_OUT_CHANNELS = 16
+# Up to this many output channels the strips' GEMM takes dy as its first operand (see weight_grad_by_strips).
+MAX_DY_FIRST_OUT_CHANNELS = 128
 
 
 def strip_gemm_rows(kernel_shape: Sequence[int], itemsize: int) -> int:
@@ -47,7 +53,7 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
                          dimension_numbers: Any = None, feature_group_count: int = 1, batch_group_count: int = 1,
                          precision: Any = None, preferred_element_type: Any = None) -> Array:
   """lax.conv_general_dilated's signature (what flax's nn.Conv calls); 2-D NHWC/HWIO convolutions without input
-  dilation or groups take the strip-wise weight gradient, anything else goes to lax unchanged."""
+  dilation or groups take the CPU forms above, anything else goes to lax unchanged."""
   plain = (lhs.ndim == 4 and feature_group_count == 1 and batch_group_count == 1 and preferred_element_type is None
            and all(d == 1 for d in (lhs_dilation or (1, 1)))
            and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
@@ -178,9 +184,9 @@ def weight_grad_by_strips(x: Array, dy: Array, kernel_shape: Sequence[int], stri
   x = windows.pad_hw(x, pads)
 
   # XLA's GEMM wants its operands as (M, K) and (K, N); contracting both over their rows transposes the first one.
-  # Transpose the smaller: dy (cout columns) when cout <= kh*kw*cin, accumulating d(kernel)^T; 1.2-1.4x at
-  # 224x224 with 64-128 channels against transposing the patches.
-  dy_first = cout <= kh * kw * cin
+  # Putting dy first (accumulating d(kernel)^T) was 1.2-1.4x faster at 224x224 and 112x112 with 64-128 output
+  # channels; with 256+ channels it was as often slower as faster, and fcn_resnet50's train step no faster.
+  dy_first = cout <= min(kh * kw * cin, MAX_DY_FIRST_OUT_CHANNELS)
 
   def strip_grad(x_rows, dy_rows):
     patches = _patches(x_rows, (kh, kw), (dy_rows.shape[1], out_w), strides, dilation)

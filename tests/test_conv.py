@@ -1,5 +1,6 @@
-"""fcnjax.conv against PyTorch's conv2d and its autograd: forward, input gradient and the strip-wise weight gradient
-(one strip, several, and several plus a remainder strip), for every option our models use."""
+"""fcnjax.conv against PyTorch's conv2d and its autograd: forward, input gradient and weight gradient, through the
+custom VJP and through each CPU form directly (GEMM forward and col2im input gradient; strip-wise weight gradient
+with one strip, several, and several plus a remainder strip), for every option our models use."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,8 @@ import torch
 from fcnjax import conv
 
 # (batch, height, width, in, out, kernel, stride, padding, dilation): U-Net/VGG 3x3, ResNet's 7x7/2 stem, 3x3/2
-# and 1x1/2 downsampling, 1x1 widening, dilated 3x3 (fcn_resnet50's layer3/4), fc6's 7x7 VALID, odd sizes, uneven padding.
+# and 1x1/2 downsampling, 1x1 widening, dilated 3x3 (fcn_resnet50's layer3/4), fc6's 7x7 VALID, odd sizes, uneven
+# padding.
 CASES = [
     (2, 17, 13, 3, 5, 3, 1, ((1, 1), (1, 1)), 1),
     (1, 20, 21, 4, 6, 3, 2, ((1, 1), (1, 1)), 1),
@@ -18,6 +20,7 @@ CASES = [
     (1, 21, 18, 4, 4, 3, 1, ((4, 4), (4, 4)), 4),
     (1, 9, 9, 8, 8, 1, 1, ((0, 0), (0, 0)), 1),
     (2, 7, 9, 4, 12, 1, 1, ((0, 0), (0, 0)), 1),  # more output channels than patch elements
+    (1, 4, 3, 5, 24, 3, 1, ((1, 1), (1, 1)), 1),  # 12 output pixels <= 24 channels: the GEMM forms (by_gemm)
     (2, 11, 10, 8, 4, 1, 2, ((0, 0), (0, 0)), 1),
     (1, 12, 11, 6, 7, 7, 1, ((0, 0), (0, 0)), 1),
     (2, 12, 12, 3, 3, 3, 1, ((1, 2), (0, 3)), 1),
