@@ -45,14 +45,15 @@ def _manager(directory: str, keep: int, best: bool, writable: bool) -> ocp.Check
       # just one process").
       multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="best" if best else "latest"))
   # A reader lists the step directories, then reads each one's metadata; the training run may retire a step in
-  # between (orbax's retention), and orbax then raises FileNotFoundError for it. Listing again sees the new state.
+  # between (orbax's retention), and orbax then raises FileNotFoundError for it, or NotADirectoryError when the step
+  # goes between its exists() and is_dir() checks (seen in a suite run). Listing again sees the new state.
   attempts = 1 if writable else READ_ATTEMPTS
   for attempt in range(attempts):
     try:
       # Handlers named up front: a fresh manager (a restarted run) can then read each item's metadata and shapes.
       handlers = {"state": ocp.StandardCheckpointHandler(), "model": ocp.JsonCheckpointHandler()}
       return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
       if attempt == attempts - 1:
         raise
       time.sleep(0.05 * (attempt + 1))

@@ -10,6 +10,7 @@ import signal
 import time
 
 import numpy as np
+import pytest
 
 import reliability_helpers as h
 from fcnjax import checkpoint
@@ -162,3 +163,25 @@ def test_interrupted_run_resumes_exactly(tmp_path):
   got = {r["step"]: r["loss"] for r in h.train_records(workdir)}
   assert sorted(got) == sorted(expected) == list(range(1, NUM_STEPS + 1))
   np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(got)], rtol=1e-5)
+
+
+def test_reader_lists_again_when_a_step_is_retired_meanwhile(tmp_path, monkeypatch):
+  """Orbax lists the step directories and then reads each one; a step that the training run retires in between
+  raises FileNotFoundError or NotADirectoryError (both seen). A reader tries again; the training run does not."""
+  real_manager, to_raise, raised = checkpoint.ocp.CheckpointManager, [], []
+
+  def flaky_manager(directory, **kwargs):
+    if to_raise:
+      raised.append(to_raise.pop(0))
+      raise raised[-1](f"{directory}/8")
+    return real_manager(directory, **kwargs)
+
+  checkpoint.Checkpoints(str(tmp_path / "run"), writable=True)  # creates the directories read below
+  monkeypatch.setattr(checkpoint.ocp, "CheckpointManager", flaky_manager)
+  monkeypatch.setattr(checkpoint.time, "sleep", lambda s: None)
+  to_raise[:] = [FileNotFoundError, NotADirectoryError]
+  reader = checkpoint.Checkpoints(str(tmp_path / "run"))
+  assert raised == [FileNotFoundError, NotADirectoryError] and reader.latest_step() is None
+  to_raise[:] = [NotADirectoryError]
+  with pytest.raises(NotADirectoryError):
+    checkpoint.Checkpoints(str(tmp_path / "run"), writable=True)
