@@ -92,9 +92,8 @@ def by_gemm(x_shape, kernel_shape, strides, pads, dilation) -> bool:
 def _patches(x_padded, kernel_hw, out, strides, dilation) -> Array:
   """(n * out_h * out_w, kh * kw * cin) patch matrix of an already padded NHWC input, in HWIO's (kh, kw, cin)
   order: the window's taps side by side."""
-  kh, kw = kernel_hw
-  taps = [windows.tap(x_padded, i, j, out, strides, dilation) for i in range(kh) for j in range(kw)]
-  return (jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]).reshape(-1, kh * kw * x_padded.shape[3])
+  taps = windows.taps(x_padded, kernel_hw, out, strides, dilation)
+  return (jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]).reshape(-1, len(taps) * x_padded.shape[3])
 
 
 def conv_by_gemm(x: Array, kernel: Array, strides, pads, dilation, precision=None) -> Array:
@@ -111,20 +110,23 @@ def input_grad_by_gemm(dy: Array, kernel: Array, x_shape, strides, pads, dilatio
   back where that tap read the input (col2im). The kernel is read in place: no flipped copy of it."""
   kh, kw, cin, cout = kernel.shape
   n, out_h, out_w, _ = dy.shape
-  padded_hw = tuple(size + lo + hi for size, (lo, hi) in zip(x_shape[1:3], pads))
   columns = lax.dot_general(dy.reshape(-1, cout), kernel.reshape(kh * kw * cin, cout), (((1,), (1,)), ((), ())),
                             precision=precision).reshape(n, out_h, out_w, kh * kw, cin)
-  total = sum(windows.untap(columns[:, :, :, tap], *divmod(tap, kw), padded_hw, strides, dilation)
-              for tap in range(kh * kw))
-  return windows.pad_hw(total, tuple((-lo, -hi) for lo, hi in pads))
+  return windows.fold([columns[:, :, :, tap] for tap in range(kh * kw)], (kh, kw), x_shape[1:3], strides, pads,
+                      dilation)
+
+
+def _cpu_form(wanted: bool, cpu, default, *args):
+  """cpu(*args) where `wanted` and compiling for CPU, default(*args) elsewhere (lax.platform_dependent)."""
+  if not wanted:
+    return default(*args)
+  return lax.platform_dependent(*args, cpu=cpu, default=default)
 
 
 def _forward(x, kernel, strides, pads, dilation, precision):
-  if not by_gemm(x.shape, kernel.shape, strides, pads, dilation):
-    return _lax_conv(x, kernel, strides, pads, dilation, precision)
-  return lax.platform_dependent(
-      x, kernel, cpu=lambda x, k: conv_by_gemm(x, k, strides, pads, dilation, precision),
-      default=lambda x, k: _lax_conv(x, k, strides, pads, dilation, precision))
+  return _cpu_form(by_gemm(x.shape, kernel.shape, strides, pads, dilation),
+                   lambda x, k: conv_by_gemm(x, k, strides, pads, dilation, precision),
+                   lambda x, k: _lax_conv(x, k, strides, pads, dilation, precision), x, kernel)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
@@ -152,13 +154,8 @@ def _conv_bwd(strides, pads, dilation, precision, residuals, dy):
   def strip_weight_grad(x, dy):
     return weight_grad_by_strips(x, dy, kernel.shape, strides, pads, dilation, precision).astype(kernel.dtype)
 
-  if by_gemm(x.shape, kernel.shape, strides, pads, dilation):
-    dx = lax.platform_dependent(dy, kernel, cpu=gemm_input_grad, default=xla_input_grad)
-  else:
-    dx = xla_input_grad(dy, kernel)
-  if kernel.shape[3] <= MAX_XLA_GRAD_OUT_CHANNELS:
-    return dx, xla_weight_grad(x, dy)
-  dk = lax.platform_dependent(x, dy, cpu=strip_weight_grad, default=xla_weight_grad)
+  dx = _cpu_form(by_gemm(x.shape, kernel.shape, strides, pads, dilation), gemm_input_grad, xla_input_grad, dy, kernel)
+  dk = _cpu_form(kernel.shape[3] > MAX_XLA_GRAD_OUT_CHANNELS, strip_weight_grad, xla_weight_grad, x, dy)
   return dx, dk
 
 

@@ -314,9 +314,8 @@ def _max_pool(x, window, strides, pads):
 
 
 def _pool_taps(x, window, strides, pads):
-  padded = windows.pad_hw(x, pads, -jnp.inf)
   out = windows.out_hw(x.shape[1:3], window, strides, pads)
-  return [windows.tap(padded, i, j, out, strides) for i in range(window[0]) for j in range(window[1])]
+  return windows.taps(windows.pad_hw(x, pads, -jnp.inf), window, out, strides)
 
 
 def _max_pool_fwd(x, window, strides, pads):
@@ -326,15 +325,13 @@ def _max_pool_fwd(x, window, strides, pads):
 
 def _max_pool_bwd(window, strides, pads, residuals, dy):
   x, y = residuals
-  padded_hw = tuple(size + lo + hi for size, (lo, hi) in zip(x.shape[1:3], pads))
-  taken = jnp.zeros(y.shape, bool)
-  dx = jnp.zeros((x.shape[0], *padded_hw, x.shape[3]), dy.dtype)
-  for index, value in enumerate(_pool_taps(x, window, strides, pads)):
+  taken, shares = jnp.zeros(y.shape, bool), []
+  for value in _pool_taps(x, window, strides, pads):
     # As PyTorch: the whole gradient goes to the first maximum in window order (a NaN counts as a maximum).
     hit = ((value == y) | jnp.isnan(value)) & ~taken
     taken = taken | hit
-    dx = dx + windows.untap(jnp.where(hit, dy, 0), *divmod(index, window[1]), padded_hw, strides)
-  return (windows.pad_hw(dx, tuple((-lo, -hi) for lo, hi in pads)),)
+    shares.append(jnp.where(hit, dy, 0))
+  return (windows.fold(shares, window, x.shape[1:3], strides, pads),)
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

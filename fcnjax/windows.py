@@ -2,8 +2,9 @@
 
 A k x k window with strides s and dilation d visits, for its tap (i, j), the strided slice of the padded input that
 starts at (i * d, j * d). Convolutions (fcnjax.conv) and max pooling (fcnjax.layers.max_pool) are written here as
-sums or maxima over those slices; their input gradients put each tap's share back where the slice came from
-(`untap`, a zero-padding with interior padding: the transpose of the strided slice).
+sums or maxima over those slices (`taps`); their input gradients put each tap's share back where the slice came from
+(`fold`: per tap a zero-padding with interior padding, the transpose of the strided slice, summed, then the
+input's padding cut off).
 """
 from __future__ import annotations
 
@@ -28,21 +29,28 @@ def out_hw(in_hw: Sequence[int], window: Sequence[int], strides: Sequence[int], 
                for size, k, s, (lo, hi), d in zip(in_hw, window, strides, pads, dilation))
 
 
-def tap(x_padded: Array, i: int, j: int, out: Sequence[int], strides: Sequence[int],
-        dilation: Sequence[int] = (1, 1)) -> Array:
-  """(n, out_h, out_w, c): what tap (i, j) of the window sees at every output position."""
+def taps(x_padded: Array, window: Sequence[int], out: Sequence[int], strides: Sequence[int],
+         dilation: Sequence[int] = (1, 1)) -> list[Array]:
+  """For each tap (i, j) of the window, row by row: the (n, out_h, out_w, c) slice of an already padded map that
+  the tap sees at every output position."""
   (sh, sw), (dh, dw) = strides, dilation
   n, _, _, c = x_padded.shape
-  return lax.slice(x_padded, (0, i * dh, j * dw, 0),
-                   (n, i * dh + (out[0] - 1) * sh + 1, j * dw + (out[1] - 1) * sw + 1, c), (1, sh, sw, 1))
+  return [lax.slice(x_padded, (0, i * dh, j * dw, 0),
+                    (n, i * dh + (out[0] - 1) * sh + 1, j * dw + (out[1] - 1) * sw + 1, c), (1, sh, sw, 1))
+          for i in range(window[0]) for j in range(window[1])]
 
 
-def untap(values: Array, i: int, j: int, padded_hw: Sequence[int], strides: Sequence[int],
-          dilation: Sequence[int] = (1, 1)) -> Array:
-  """The adjoint of `tap`: (n, padded_h, padded_w, c), zero except where tap (i, j) read, which holds values."""
+def fold(tap_values: Sequence[Array], window: Sequence[int], in_hw: Sequence[int], strides: Sequence[int],
+         pads: Sequence[tuple[int, int]], dilation: Sequence[int] = (1, 1)) -> Array:
+  """The adjoint of pad_hw(x, pads) followed by `taps`: each tap's (n, out_h, out_w, c) values added back where
+  that tap read, as an (n, in_h, in_w, c) array (what fell on the padding is dropped)."""
   (sh, sw), (dh, dw) = strides, dilation
-  _, out_h, out_w, _ = values.shape
-  top, left = i * dh, j * dw
-  return lax.pad(values, jnp.zeros((), values.dtype),
-                 ((0, 0, 0), (top, padded_hw[0] - top - (out_h - 1) * sh - 1, sh - 1),
-                  (left, padded_hw[1] - left - (out_w - 1) * sw - 1, sw - 1), (0, 0, 0)))
+  padded_h, padded_w = (size + lo + hi for size, (lo, hi) in zip(in_hw, pads))
+  total = 0
+  for index, values in enumerate(tap_values):
+    top, left = (index // window[1]) * dh, (index % window[1]) * dw
+    _, out_h, out_w, _ = values.shape
+    total = total + lax.pad(values, jnp.zeros((), values.dtype),
+                            ((0, 0, 0), (top, padded_h - top - (out_h - 1) * sh - 1, sh - 1),
+                             (left, padded_w - left - (out_w - 1) * sw - 1, sw - 1), (0, 0, 0)))
+  return pad_hw(total, tuple((-lo, -hi) for lo, hi in pads))
