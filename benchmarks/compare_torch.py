@@ -140,6 +140,17 @@ def _cost_flops(lowered_or_compiled) -> float | None:
   return float(flops) if flops else None
 
 
+def _forward_flops(model, variables, images) -> float | None:
+  """The model's forward-pass FLOPs from XLA's cost analysis, lowered for CUDA: there fcnjax keeps lax's
+  convolutions, while on CPU most of them are custom calls to fcnjax.native, whose FLOPs XLA does not see."""
+  import jax  # pylint: disable=g-import-not-at-top
+  forward = jax.jit(lambda v, x: model.apply(v, x, train=False)).trace(variables, images)
+  try:
+    return _cost_flops(forward.lower(lowering_platforms=("cuda",)))
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
 def _planned_bytes(compiled) -> int | None:
   stats = compiled.memory_analysis()
   if stats is None:
@@ -153,7 +164,7 @@ class RunnerInfo:
   framework: str
   first_step_s: float = 0.0             # from nothing compiled to the end of the first step
   compile_s: float | None = None        # XLA lower + compile (fcnjax only)
-  flops: float | None = None            # per step, XLA cost analysis (training: 3x the forward's)
+  flops: float | None = None            # per step, XLA cost analysis of the forward (training: 3x it)
   memory_bytes: int | None = None
   memory_method: str = ""
   donated: bool | None = None
@@ -186,9 +197,8 @@ class FcnjaxTrain:
     self.compiled = step.lower(self.state, self.batch).compile()
     self.info.compile_s = time.perf_counter() - start
     # Model FLOPs, 3x the forward pass (forward + input and weight gradients), not the compiled step's count: XLA's
-    # cost analysis counts a loop body once, and the CPU weight gradients (fcnjax.conv) are loops over strips.
-    forward = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, self.batch["image"])
-    forward_flops = _cost_flops(forward)
+    # cost analysis counts a loop body once (the strip weight gradients are loops) and no custom call.
+    forward_flops = _forward_flops(model, variables, self.batch["image"])
     self.info.flops = 3 * forward_flops if forward_flops else None
     self.info.memory_bytes = _planned_bytes(self.compiled)
     before = self.state
@@ -220,7 +230,7 @@ class FcnjaxInfer:
     start = time.perf_counter()
     self.compiled = forward.lower(self.variables, self.images).compile()
     self.info.compile_s = time.perf_counter() - start
-    self.info.flops = _cost_flops(self.compiled)
+    self.info.flops = _forward_flops(model, variables, self.images)
     self.info.memory_bytes = _planned_bytes(self.compiled)
     self.outputs = self.compiled(self.variables, self.images)
     jax.block_until_ready(self.outputs)

@@ -3,10 +3,10 @@
     python -m benchmarks.conv_layers [--batch 2] [--out runs/bench/conv_layers.json]
 
 For every case: the forward pass, the input gradient and the weight gradient, jitted and timed alone (median of
---repeats after a warm-up), as lax computes them and as fcnjax.conv does on CPU: patches @ kernel and dy @ kernel^T +
-col2im where `conv.by_gemm` picks them, the strip-wise weight gradient where the kernel has more than
-`conv.MAX_XLA_GRAD_OUT_CHANNELS` output channels ("=" where fcnjax keeps XLA's). Each of our results is checked
-against XLA's. Shapes: the U-Net's 3x3 layers at 224x224 (64..1024 channels, a decoder's 128 -> 64), its first
+--repeats after a warm-up), as lax computes them and as fcnjax.conv does on CPU, through its own custom VJP, with
+the form `conv.cpu_forms` picks named: "native" (fcnjax.native's C++ kernels), "gemm" (patches @ kernel,
+dy @ kernel^T + col2im), "strips" (the strip-wise weight gradient), "=" where fcnjax keeps XLA's. Each of our
+results is checked against XLA's. Shapes: the U-Net's 3x3 layers at 224x224 (64..1024 channels, a decoder's 128 -> 64), its first
 layer, ResNet-50's 3x3/2, 7x7/2 and 1x1 layers, fcn_resnet50's classifier conv, fcn8s's fc6 and fc7, and the
 quickstart U-Net's 16-channel layers at batch 16.
 """
@@ -43,25 +43,27 @@ def _median_ms(fn, *args, repeats: int) -> float:
 
 
 def _parts(x, kernel, strides, pads):
-  """{part: (XLA's function, ours or None where fcnjax keeps XLA's, its arguments)}."""
+  """{part: (XLA's function, fcnjax.conv's or None where it keeps XLA's, its arguments, the form it uses)}."""
   dilation = (1, 1)
 
   def forward(x, kernel):
     return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=conv.NHWC)
 
+  def ours(x, kernel):
+    return conv.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=conv.NHWC)
+
   dy = jnp.asarray(np.random.default_rng(1).standard_normal(jax.eval_shape(forward, x, kernel).shape), jnp.float32)
-  gemm = conv.by_gemm(x.shape, kernel.shape, strides, pads, dilation)
-  strips = kernel.shape[3] > conv.MAX_XLA_GRAD_OUT_CHANNELS
-  return {
-      "forward": (forward, (lambda x, k: conv.conv_by_gemm(x, k, strides, pads, dilation)) if gemm else None,
-                  (x, kernel)),
+  forms = conv.cpu_forms(x.shape, kernel.shape, strides, pads, dilation, x.dtype)
+  # fcnjax's parts are the custom VJP's own: the vjp with respect to one operand compiles only that gradient.
+  parts = {
+      "forward": (forward, ours, (x, kernel)),
       "input grad": (lambda dy, k: jax.vjp(lambda x: forward(x, k), x)[1](dy)[0],
-                     (lambda dy, k: conv.input_grad_by_gemm(dy, k, x.shape, strides, pads, dilation)) if gemm
-                     else None, (dy, kernel)),
+                     lambda dy, k: jax.vjp(lambda x: ours(x, k), x)[1](dy)[0], (dy, kernel)),
       "weight grad": (lambda x, dy: jax.vjp(lambda k: forward(x, k), kernel)[1](dy)[0],
-                      (lambda x, dy: conv.weight_grad_by_strips(x, dy, kernel.shape, strides, pads, dilation))
-                      if strips else None, (x, dy)),
+                      lambda x, dy: jax.vjp(lambda k: ours(x, k), kernel)[1](dy)[0], (x, dy)),
   }
+  return {part: (xla, None if forms[part] == "xla" else mine, inputs, forms[part])
+          for part, (xla, mine, inputs) in parts.items()}
 
 
 def main():
@@ -72,7 +74,8 @@ def main():
   args = parser.parse_args()
   rng = np.random.default_rng(0)
   rows = []
-  print(f"{jax.devices()[0].device_kind}, float32; ms as XLA / fcnjax.conv (= where fcnjax keeps XLA's)")
+  print(f"{jax.devices()[0].device_kind}, float32; ms as XLA / fcnjax.conv and its form (= where fcnjax keeps "
+        "XLA's)")
   print("| batch | size | in -> out | kernel/stride | forward ms | input grad ms | weight grad ms | max rel. diff |")
   print("|---|---|---|---|---|---|---|---|")
   for batch, size, cin, cout, k, stride, pad in CASES:
@@ -81,9 +84,9 @@ def main():
     kernel = jnp.asarray(rng.standard_normal((k, k, cin, cout)), jnp.float32)
     row = dict(batch=batch, size=size, cin=cin, cout=cout, kernel=k, stride=stride, padding=pad, relative_diff=0.0)
     cells = []
-    for part, (xla, ours, inputs) in _parts(x, kernel, (stride, stride), ((pad, pad), (pad, pad))).items():
+    for part, (xla, ours, inputs, form) in _parts(x, kernel, (stride, stride), ((pad, pad), (pad, pad))).items():
       xla = jax.jit(xla)
-      row[part] = {"xla_ms": _median_ms(xla, *inputs, repeats=args.repeats)}
+      row[part] = {"xla_ms": _median_ms(xla, *inputs, repeats=args.repeats), "form": form}
       if ours is None:
         cells.append(f"{row[part]['xla_ms']:.1f} / =")
         continue
@@ -92,7 +95,7 @@ def main():
       row["relative_diff"] = max(row["relative_diff"],
                                  float(np.max(np.abs(result - reference)) / np.max(np.abs(reference))))
       row[part]["ours_ms"] = _median_ms(ours, *inputs, repeats=args.repeats)
-      cells.append(f"{row[part]['xla_ms']:.1f} / {row[part]['ours_ms']:.1f}")
+      cells.append(f"{row[part]['xla_ms']:.1f} / {row[part]['ours_ms']:.1f} {form}")
     rows.append(row)
     print(f"| {batch} | {size} | {cin} -> {cout} | {k}/{stride} | {' | '.join(cells)} | {row['relative_diff']:.1e} |",
           flush=True)

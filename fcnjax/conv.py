@@ -1,18 +1,21 @@
 """Convolution with lax.conv_general_dilated's signature and values, on CPU in the forms XLA:CPU runs fastest.
 
-On this project's 2-core Xeon (docs/performance.md, benchmarks/conv_layers.py), XLA:CPU computes a convolution's
-weight gradient as a convolution whose "kernel" is the whole output gradient, at 3-9x the forward's time, and its
-convolutions with few output pixels and many channels (fc6/fc7, 1x1 layers, a 14x14 bottleneck) at a fifth to two
-thirds of its GEMM speed. So, on CPU only:
-- weight gradient: patches(x)^T @ dy accumulated over strips of output rows (`weight_grad_by_strips`), each strip's
-  patch matrix small enough to stay in cache and feed one GEMM; kernels with at most MAX_XLA_GRAD_OUT_CHANNELS
-  output channels keep XLA's gradient, which is faster there;
+On this project's 2-core Xeon (docs/performance.md, benchmarks/conv_layers.py), XLA:CPU ran 3x3 convolutions at
+60-90% of PyTorch's speed, computed their weight gradient as a convolution whose "kernel" is the whole output
+gradient (3-9x the forward's time), and ran convolutions with few output pixels and many channels (fc6/fc7, 1x1
+layers, a 14x14 bottleneck) at a fifth to two thirds of its GEMM speed. So, on CPU only:
+- stride-1 float32 convolutions with kernels larger than 1x1 and output channels in multiples of 16 (every 3x3 layer
+  of our models): fcnjax's own C++ kernels (fcnjax.native, `by_native`) for the forward pass, the input gradient
+  (the forward kernel on dy with the flipped kernel) and the weight gradient;
 - forward pass and input gradient, where `by_gemm` says so: patches @ kernel, and dy @ kernel^T put back by
   col2im, which also reads the kernel in place instead of copying a flipped one each step;
+- weight gradient of the other convolutions (strided ones, 1x1, or without the native kernels): patches(x)^T @ dy
+  accumulated over strips of output rows (`weight_grad_by_strips`), each strip's patch matrix small enough to stay
+  in cache and feed one GEMM; kernels with at most MAX_XLA_GRAD_OUT_CHANNELS output channels keep XLA's gradient;
 - everything else, and every other backend (cuDNN), stays XLA's: lax.platform_dependent picks per platform when
   compiling.
 
-Same values as lax up to float32 summation order (tests/test_conv.py checks all three parts against PyTorch).
+Same values as lax up to float32 summation order (tests/test_conv.py checks every part against PyTorch).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fcnjax import windows
+from fcnjax import native, windows
 
 Array = jax.Array
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -40,6 +43,11 @@ MAX_STRIP_GEMM_ROWS = 4096
 MAX_XLA_GRAD_OUT_CHANNELS = 16
 # Up to this many output channels the strips' GEMM takes dy as its first operand (see weight_grad_by_strips).
 MAX_DY_FIRST_OUT_CHANNELS = 128
+# The native input gradient is a forward convolution with the kernel flipped and transposed in C++ each step; that
+# copy costs ~3-6 ns per kernel element here, which at 28x28 with 1024-2048 input channels (its output channels)
+# made it slower than XLA's (3x3x2048x512: 266 vs 193 ms); with <= 512 it was 0.8-1.4x XLA's speed from run to run,
+# faster in most (benchmarks/conv_layers.py).
+MAX_NATIVE_INPUT_GRAD_CHANNELS = 512
 
 
 def strip_gemm_rows(kernel_shape: Sequence[int], itemsize: int) -> int:
@@ -89,6 +97,37 @@ def by_gemm(x_shape, kernel_shape, strides, pads, dilation) -> bool:
   return (kh, kw) == (1, 1) or x_shape[0] * out_h * out_w <= cout
 
 
+def by_native(x_shape, kernel_shape, strides, pads, dilation, dtype) -> bool:
+  """Whether the native kernels compute this convolution on CPU (building them on first use): stride 1, float32,
+  output channels a multiple of 16, a kernel larger than 1x1, and not a GEMM case (by_gemm)."""
+  return (native.supports(dtype, kernel_shape[3], strides)
+          and not by_gemm(x_shape, kernel_shape, strides, pads, dilation) and native.available())
+
+
+def cpu_forms(x_shape, kernel_shape, strides, pads, dilation, dtype) -> dict[str, str]:
+  """Which form computes each part of this convolution on CPU: "native" (fcnjax.native's kernels), "gemm"
+  (conv_by_gemm, input_grad_by_gemm), "strips" (weight_grad_by_strips) or "xla" (lax's own)."""
+  gemm = by_gemm(x_shape, kernel_shape, strides, pads, dilation)
+  direct = by_native(x_shape, kernel_shape, strides, pads, dilation, dtype)
+  # The input gradient is a native forward convolution whose output channels are the input's.
+  direct_input_grad = (direct and kernel_shape[2] % native.CHANNEL_MULTIPLE == 0
+                       and kernel_shape[2] <= MAX_NATIVE_INPUT_GRAD_CHANNELS)
+  return {"forward": "native" if direct else "gemm" if gemm else "xla",
+          "input grad": "native" if direct_input_grad else "gemm" if gemm else "xla",
+          "weight grad": "native" if direct else "strips" if kernel_shape[3] > MAX_XLA_GRAD_OUT_CHANNELS else "xla"}
+
+
+def _flipped_pads(kernel_hw, pads, dilation):
+  """The padding that makes the stride-1 forward convolution of dy with the flipped kernel the input gradient."""
+  return tuple(((k - 1) * d - lo, (k - 1) * d - hi) for k, (lo, hi), d in zip(kernel_hw, pads, dilation))
+
+
+def input_grad_by_native(dy: Array, kernel: Array, pads, dilation) -> Array:
+  """d(loss)/d(x) of a stride-1 convolution: dy convolved with the kernel turned by 180 degrees, its in and out
+  channels swapped (the native kernel flips it itself)."""
+  return native.conv_forward(dy, kernel, _flipped_pads(kernel.shape[:2], pads, dilation), tuple(dilation), True)
+
+
 def _patches(x_padded, kernel_hw, out, strides, dilation) -> Array:
   """(n * out_h * out_w, kh * kw * cin) patch matrix of an already padded NHWC input, in HWIO's (kh, kw, cin)
   order: the window's taps side by side."""
@@ -124,9 +163,10 @@ def _cpu_form(wanted: bool, cpu, default, *args):
 
 
 def _forward(x, kernel, strides, pads, dilation, precision):
-  return _cpu_form(by_gemm(x.shape, kernel.shape, strides, pads, dilation),
-                   lambda x, k: conv_by_gemm(x, k, strides, pads, dilation, precision),
-                   lambda x, k: _lax_conv(x, k, strides, pads, dilation, precision), x, kernel)
+  form = cpu_forms(x.shape, kernel.shape, strides, pads, dilation, x.dtype)["forward"]
+  cpu = {"native": lambda x, k: native.conv_forward(x, k, pads, dilation),
+         "gemm": lambda x, k: conv_by_gemm(x, k, strides, pads, dilation, precision)}.get(form)
+  return _cpu_form(cpu is not None, cpu, lambda x, k: _lax_conv(x, k, strides, pads, dilation, precision), x, kernel)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
@@ -154,8 +194,17 @@ def _conv_bwd(strides, pads, dilation, precision, residuals, dy):
   def strip_weight_grad(x, dy):
     return weight_grad_by_strips(x, dy, kernel.shape, strides, pads, dilation, precision).astype(kernel.dtype)
 
-  dx = _cpu_form(by_gemm(x.shape, kernel.shape, strides, pads, dilation), gemm_input_grad, xla_input_grad, dy, kernel)
-  dk = _cpu_form(kernel.shape[3] > MAX_XLA_GRAD_OUT_CHANNELS, strip_weight_grad, xla_weight_grad, x, dy)
+  def native_input_grad(dy, kernel):
+    return input_grad_by_native(dy, kernel, pads, dilation)
+
+  def native_weight_grad(x, dy):
+    return native.conv_weight_grad(x, dy, kernel.shape, pads, dilation)
+
+  forms = cpu_forms(x.shape, kernel.shape, strides, pads, dilation, x.dtype)
+  cpu_dx = {"native": native_input_grad, "gemm": gemm_input_grad}.get(forms["input grad"])
+  cpu_dk = {"native": native_weight_grad, "strips": strip_weight_grad}.get(forms["weight grad"])
+  dx = _cpu_form(cpu_dx is not None, cpu_dx, xla_input_grad, dy, kernel)
+  dk = _cpu_form(cpu_dk is not None, cpu_dk, xla_weight_grad, x, dy)
   return dx, dk
 
 

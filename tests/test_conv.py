@@ -1,13 +1,21 @@
 """fcnjax.conv against PyTorch's conv2d and its autograd: forward, input gradient and weight gradient, through the
 custom VJP and through each CPU form directly (GEMM forward and col2im input gradient; strip-wise weight gradient
-with one strip, several, and several plus a remainder strip), for every option our models use."""
+with one strip, several, and several plus a remainder strip; the native C++ kernels), for every option our models
+use, and the native kernels on a batch sharded over 8 devices."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from fcnjax import conv
+from conftest import REPO_ROOT, subprocess_env
+from fcnjax import conv, native
 
 # (batch, height, width, in, out, kernel, stride, padding, dilation): U-Net/VGG 3x3, ResNet's 7x7/2 stem, 3x3/2
 # and 1x1/2 downsampling, 1x1 widening, dilated 3x3 (fcn_resnet50's layer3/4), fc6's 7x7 VALID, odd sizes, uneven
@@ -74,9 +82,10 @@ def test_conv_and_its_gradients_match_torch(case, xla_grad_channels, monkeypatch
   np.testing.assert_allclose(np.asarray(gemm_dx), dx_ref, atol=1e-5 * scale(dx_ref))
 
 
-def test_narrow_kernels_keep_xlas_weight_gradient():
-  """Up to MAX_XLA_GRAD_OUT_CHANNELS output channels the gradient is XLA's on every platform; wider kernels get the
-  per-platform choice (strips on CPU)."""
+def test_narrow_kernels_keep_xlas_weight_gradient(monkeypatch):
+  """Without the native kernels: up to MAX_XLA_GRAD_OUT_CHANNELS output channels the gradient is XLA's on every
+  platform; wider kernels get the per-platform choice (strips on CPU)."""
+  monkeypatch.setattr(native, "available", lambda: False)
   x = jnp.zeros((1, 8, 8, 4))
 
   def grad_jaxpr(cout):
@@ -87,7 +96,8 @@ def test_narrow_kernels_keep_xlas_weight_gradient():
   assert "platform_index" in grad_jaxpr(conv.MAX_XLA_GRAD_OUT_CHANNELS + 1)
 
 
-def test_gemm_form_is_picked_for_1x1_kernels_and_few_output_pixels():
+def test_gemm_form_is_picked_for_1x1_kernels_and_few_output_pixels(monkeypatch):
+  monkeypatch.setattr(native, "available", lambda: False)
   assert conv.by_gemm((2, 56, 56, 256), (1, 1, 256, 64), (2, 2), ((0, 0), (0, 0)), (1, 1))
   assert conv.by_gemm((2, 14, 14, 512), (7, 7, 512, 4096), (1, 1), ((0, 0), (0, 0)), (1, 1))  # fc6: 128 pixels
   assert conv.by_gemm((2, 14, 14, 1024), (3, 3, 1024, 1024), (1, 1), ((1, 1), (1, 1)), (1, 1))  # 392 pixels
@@ -101,6 +111,118 @@ def test_gemm_form_is_picked_for_1x1_kernels_and_few_output_pixels():
 
   assert all("platform_index" in j for j in jaxprs((1, 1, 4, 8)))
   assert not any("platform_index" in j for j in jaxprs((3, 3, 4, 8)))  # 64 pixels > 8 channels: XLA's
+
+
+# (batch, height, width, in, out, kernel, padding, dilation) for the native kernels (stride 1, out channels in 16s):
+# widths that 6 and 7 divide and that neither does (the forward kernel's pixel blocks), 16-80 output channels (its
+# 1-4-vector blocks and their remainder), more input channels than its 32-channel passes, input channels that 6
+# does not divide (the weight gradient's blocks) or 16 does not (input gradient: XLA's), dilations 2 and 4, 5x5 and
+# 7x7 kernels, uneven padding, enough rows for several tasks, and a kernel bigger than the activations (the weight
+# gradient split by output channels).
+NATIVE_CASES = [
+    (2, 17, 13, 16, 32, 3, ((1, 1), (1, 1)), 1),
+    (1, 14, 21, 32, 48, 3, ((1, 1), (1, 1)), 1),
+    (2, 19, 12, 16, 80, 3, ((2, 2), (2, 2)), 2),
+    (1, 21, 18, 80, 64, 3, ((4, 4), (4, 4)), 4),
+    (2, 12, 12, 13, 16, 3, ((1, 2), (0, 3)), 1),
+    (1, 12, 11, 3, 16, 7, ((0, 0), (0, 0)), 1),
+    (1, 9, 30, 70, 64, 5, ((3, 1), (0, 2)), 1),
+    (2, 40, 40, 16, 16, 3, ((1, 1), (1, 1)), 1),
+    (1, 10, 20, 128, 144, 3, ((1, 1), (1, 1)), 1),
+]
+
+
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=lambda c: "n{}_{}x{}_{}to{}_k{}".format(*c[:6]) + f"_p{c[6]}_d{c[7]}")
+def test_native_kernels_match_torch(case):
+  n, h, w, cin, cout, k, padding, dilation = case
+  assert native.available(), "the native kernels did not build (see the warning)"
+  forms = conv.cpu_forms((n, h, w, cin), (k, k, cin, cout), (1, 1), padding, (dilation, dilation), jnp.float32)
+  assert forms == {"forward": "native", "weight grad": "native",
+                   "input grad": "native" if cin % 16 == 0 else "xla"}, forms
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((n, h, w, cin)).astype(np.float32)
+  kernel = rng.standard_normal((k, k, cin, cout)).astype(np.float32)
+  y_ref, dx_ref, dk_ref, dy = _torch_conv(x, kernel, 1, padding, dilation)
+
+  def f(x, kernel):
+    return conv.conv_general_dilated(x, kernel, (1, 1), padding, rhs_dilation=(dilation, dilation),
+                                     dimension_numbers=conv.NHWC)
+
+  def forward_and_grads(x, kernel, dy):
+    y, vjp = jax.vjp(f, x, kernel)
+    return (y, *vjp(dy))
+
+  step = jax.jit(forward_and_grads)
+  hlo = step.lower(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(dy)).compile().as_text()
+  assert "fcnjax_conv_forward" in hlo and "fcnjax_conv_weight_grad" in hlo
+  y, dx, dk = step(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(dy))
+  scale = lambda a: max(1.0, float(np.max(np.abs(a))))  # noqa: E731
+  np.testing.assert_allclose(np.asarray(y), y_ref, atol=1e-5 * scale(y_ref))
+  np.testing.assert_allclose(np.asarray(dx), dx_ref, atol=1e-5 * scale(dx_ref))
+  np.testing.assert_allclose(np.asarray(dk), dk_ref, atol=1e-5 * scale(dk_ref))
+
+
+def test_native_input_gradient_is_kept_for_wide_inputs():
+  """More than MAX_NATIVE_INPUT_GRAD_CHANNELS input channels: XLA's input gradient, native forward and weight grad."""
+  forms = conv.cpu_forms((2, 28, 28, 1024), (3, 3, 1024, 512), (1, 1), ((1, 1), (1, 1)), (1, 1), jnp.float32)
+  assert native.available()
+  assert forms == {"forward": "native", "input grad": "xla", "weight grad": "native"}
+  # Not for the native kernels: strides, bfloat16, output channels not in 16s, 1x1 kernels (GEMM).
+  assert conv.cpu_forms((2, 28, 28, 64), (3, 3, 64, 64), (2, 2), ((1, 1), (1, 1)), (1, 1),
+                        jnp.float32)["forward"] == "xla"
+  assert conv.cpu_forms((2, 28, 28, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)), (1, 1),
+                        jnp.bfloat16)["forward"] == "xla"
+  assert conv.cpu_forms((2, 28, 28, 64), (3, 3, 64, 24), (1, 1), ((1, 1), (1, 1)), (1, 1),
+                        jnp.float32)["weight grad"] == "strips"
+  assert conv.cpu_forms((2, 28, 28, 64), (1, 1, 64, 64), (1, 1), ((0, 0), (0, 0)), (1, 1),
+                        jnp.float32)["forward"] == "gemm"
+
+
+def test_native_build_failure_falls_back_with_a_warning(monkeypatch, tmp_path):
+  monkeypatch.setenv("FCNJAX_CACHE_DIR", str(tmp_path))
+  monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+  with pytest.warns(UserWarning, match="could not build or load native_conv.cc"):
+    assert native.available.__wrapped__() is False
+  monkeypatch.setenv("FCNJAX_NATIVE", "0")
+  assert native.available.__wrapped__() is False
+
+
+SHARDED_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from fcnjax import conv
+    assert jax.device_count() == 8
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    rng = np.random.default_rng(0)
+    x = jax.device_put(jnp.asarray(rng.standard_normal((8, 12, 14, 16)), jnp.float32), NamedSharding(mesh, P("data")))
+    kernel = jax.device_put(jnp.asarray(rng.standard_normal((3, 3, 16, 32)), jnp.float32), NamedSharding(mesh, P()))
+
+    def loss(conv_fn, x, kernel):
+      y = conv_fn(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=conv.NHWC)
+      return (y * jnp.cos(y)).sum()
+
+    ours = jax.jit(jax.value_and_grad(lambda x, k: loss(conv.conv_general_dilated, x, k), argnums=(0, 1)))
+    hlo = ours.lower(x, kernel).compile().as_text()
+    calls = [l for l in hlo.splitlines() if "custom_call_target=" in l and "fcnjax_conv" in l]
+    assert len(calls) == 3, calls  # forward, input gradient, weight gradient
+    assert all("f32[1," in l or "f32[3,3," in l for l in calls), calls  # one image per device
+    assert "all-gather" not in hlo
+    (value, (dx, dk)) = ours(x, kernel)
+    (ref_value, (ref_dx, ref_dk)) = jax.value_and_grad(
+        lambda x, k: loss(jax.lax.conv_general_dilated, x, k), argnums=(0, 1))(x, kernel)
+    rel = lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+    print("REL", rel(value, ref_value), rel(dx, ref_dx), rel(dk, ref_dk))
+    assert max(rel(value, ref_value), rel(dx, ref_dx), rel(dk, ref_dk)) < 1e-5
+    """)
+
+
+def test_native_kernels_keep_a_sharded_batch_on_its_devices():
+  """Data parallelism over 8 devices: each device convolves its own image (no gathered batch), and the weight
+  gradient is the all-reduced sum; values as lax's."""
+  result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=subprocess_env(8), capture_output=True,
+                          text=True, timeout=300, cwd=REPO_ROOT)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+  assert "REL" in result.stdout
 
 
 def test_strip_gemm_rows_follow_the_patch_bytes():

@@ -1,0 +1,193 @@
+"""fcnjax's C++ convolution kernels for XLA:CPU (native_conv.cc): built on first use, called through the XLA FFI.
+
+The kernels are compiled with the machine's C++ compiler (`$CXX`, else c++ or g++) for the machine's own vector
+units (-march=native), against the FFI headers that jaxlib ships, into a cache folder (`$FCNJAX_CACHE_DIR`, else
+~/.cache/fcnjax). The library's name holds a hash of the source, the compiler, its flags, jaxlib's version and the
+CPU's features, so a changed source, toolchain or machine builds anew and a shared cache never serves a library
+built for another CPU. Without a compiler, or when the build fails, fcnjax warns once and every convolution keeps
+the pure-XLA forms (fcnjax.conv). FCNJAX_NATIVE=0 turns the kernels off (for comparisons and debugging).
+
+The calls (`conv_forward`, `conv_weight_grad`) are stride-1 NHWC/HWIO float32 convolutions whose output channels
+are a multiple of 16; fcnjax.conv decides which convolutions meet that and are worth it.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+import warnings
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
+
+SOURCE = pathlib.Path(__file__).with_name("native_conv.cc")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+# Tiling, measured with benchmarks/conv_layers.py on the 2-core Xeon: input channels per pass of the forward kernel
+# (its weights stay in L1/L2), output pixels per forward task (narrow maps group rows, so each weight block is read
+# by more pixels), output rows per weight-gradient block (the block's x and dy stay in cache for every tap).
+FORWARD_CIN_BLOCK = 32
+FORWARD_PIXELS_PER_TASK = 224
+WEIGHT_GRAD_ROWS_PER_BLOCK = 4
+CHANNEL_MULTIPLE = 16  # output channels come in 16-float vectors
+_TARGETS = {"fcnjax_conv_forward": "ConvForward", "fcnjax_conv_weight_grad": "ConvWeightGrad"}
+
+
+def _compiler() -> str | None:
+  return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+def _cpu_features() -> str:
+  """The CPU's model and feature flags (what -march=native compiles for)."""
+  try:
+    lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+  except OSError:
+    import platform
+    return platform.processor() + platform.machine()
+  return "\n".join(sorted({l for l in lines if l.startswith(("model name", "flags", "Features", "CPU part"))}))
+
+
+def _cache_dir() -> pathlib.Path:
+  return pathlib.Path(os.environ.get("FCNJAX_CACHE_DIR") or pathlib.Path.home() / ".cache" / "fcnjax")
+
+
+def library_path(compiler: str) -> pathlib.Path:
+  """Where the library for this source, compiler, jaxlib and CPU is (or will be) cached."""
+  version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+  key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *FLAGS, jaxlib.__version__,
+                                  _cpu_features()]).encode()).hexdigest()[:16]
+  return _cache_dir() / f"native_conv-{key}.so"
+
+
+def build(compiler: str, target: pathlib.Path) -> None:
+  """Compile native_conv.cc to `target`: into a temporary file next to it, then renamed, so that processes
+  building at once (multi-host tests) never load a half-written library."""
+  target.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+  os.close(fd)
+  try:
+    subprocess.run([compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp], check=True,
+                   capture_output=True, text=True)
+    os.replace(tmp, target)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the kernels are built, loaded and registered with XLA (building them on the first call)."""
+  if os.environ.get("FCNJAX_NATIVE", "1") == "0":
+    return False
+  compiler = _compiler()
+  if compiler is None:
+    warnings.warn("fcnjax: no C++ compiler found ($CXX, c++, g++); convolutions on CPU use XLA's own forms, "
+                  "which train slower (docs/performance.md)")
+    return False
+  try:
+    path = library_path(compiler)
+    if not path.exists():
+      build(compiler, path)
+    library = ctypes.cdll.LoadLibrary(str(path))
+  except (OSError, subprocess.CalledProcessError) as error:
+    detail = getattr(error, "stderr", "") or str(error)
+    warnings.warn(f"fcnjax: could not build or load {SOURCE.name} with {compiler}; convolutions on CPU use XLA's "
+                  f"own forms. {detail[-2000:]}")
+    return False
+  for name, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+  return True
+
+
+def supports(dtype, out_channels: int, strides) -> bool:
+  """Whether a convolution with these operands can use the kernels (built or not)."""
+  return (jnp.dtype(dtype) == jnp.float32 and out_channels % CHANNEL_MULTIPLE == 0
+          and tuple(strides) == (1, 1))
+
+
+def _require() -> None:
+  if not available():
+    raise RuntimeError("fcnjax.native: the C++ kernels are not available (FCNJAX_NATIVE=0, or their build failed: "
+                       "see the warning above); fcnjax.conv falls back to XLA's forms by itself")
+
+
+def _forward_call(x, kernel, pads, dilation, flip):
+  _require()
+  n, h, w, _ = x.shape
+  kh, kw = kernel.shape[:2]
+  cout = kernel.shape[2 if flip else 3]
+  (top, bottom), (left, right) = pads
+  out_h = h + top + bottom - (kh - 1) * dilation[0]
+  out_w = w + left + right - (kw - 1) * dilation[1]
+  call = jax.ffi.ffi_call("fcnjax_conv_forward", jax.ShapeDtypeStruct((n, out_h, out_w, cout), x.dtype),
+                          vmap_method="sequential")
+  return call(x, kernel, pad_top=np.int64(top), pad_left=np.int64(left), dil_h=np.int64(dilation[0]),
+              dil_w=np.int64(dilation[1]), flip=np.int64(flip), cin_block=np.int64(FORWARD_CIN_BLOCK),
+              pixels_per_task=np.int64(FORWARD_PIXELS_PER_TASK))
+
+
+def _weight_grad_call(x, dy, kernel_shape, pads, dilation):
+  _require()
+  (top, _), (left, _) = pads
+  call = jax.ffi.ffi_call("fcnjax_conv_weight_grad", jax.ShapeDtypeStruct(tuple(kernel_shape), x.dtype),
+                          vmap_method="sequential")
+  return call(x, dy, pad_top=np.int64(top), pad_left=np.int64(left), dil_h=np.int64(dilation[0]),
+              dil_w=np.int64(dilation[1]), rows_per_block=np.int64(WEIGHT_GRAD_ROWS_PER_BLOCK))
+
+
+# Data parallelism: XLA does not know how to split a custom call, and would gather the whole batch onto every
+# device and compute it there. These rules keep each device on its own images: the batch axis stays sharded as it
+# comes, every other axis replicated; the weight gradient's per-device sums are then all-reduced (psum).
+def _batch_axes(sharding):
+  spec = getattr(sharding, "spec", ())
+  return spec[0] if len(spec) else None
+
+
+@functools.partial(custom_partitioning, static_argnums=(2, 3, 4))
+def conv_forward(x: jax.Array, kernel: jax.Array, pads, dilation, flip: bool = False) -> jax.Array:
+  """The stride-1 convolution of x (n, h, w, cin) with kernel (kh, kw, cin, cout); pads ((top, bottom),
+  (left, right)) may be negative (as lax's). flip: convolve with the kernel (kh, kw, cout, cin) turned by 180
+  degrees and its channel axes swapped instead (the input gradient of a convolution, for x = its dy)."""
+  return _forward_call(x, kernel, pads, dilation, flip)
+
+
+def _forward_partition(pads, dilation, flip, mesh, arg_shapes, result_shape):
+  del result_shape
+  by_batch = NamedSharding(mesh, PartitionSpec(_batch_axes(arg_shapes[0].sharding)))
+  return (mesh, lambda x, kernel: _forward_call(x, kernel, pads, dilation, flip), by_batch,
+          (by_batch, NamedSharding(mesh, PartitionSpec())))
+
+
+conv_forward.def_partition(_forward_partition, sharding_rule="n h w c, i j c o -> n p q o",
+                           need_replication_factors=("h", "w", "c", "i", "j", "o", "p", "q"))
+
+
+@functools.partial(custom_partitioning, static_argnums=(2, 3, 4))
+def conv_weight_grad(x: jax.Array, dy: jax.Array, kernel_shape, pads, dilation) -> jax.Array:
+  """d(loss)/d(kernel) of conv_forward(x, kernel, pads, dilation), given dy = d(loss)/d(output)."""
+  return _weight_grad_call(x, dy, kernel_shape, pads, dilation)
+
+
+def _weight_grad_partition(kernel_shape, pads, dilation, mesh, arg_shapes, result_shape):
+  del result_shape
+  batch = _batch_axes(arg_shapes[0].sharding)
+  by_batch = NamedSharding(mesh, PartitionSpec(batch))
+
+  def per_device(x, dy):
+    grad = _weight_grad_call(x, dy, kernel_shape, pads, dilation)
+    return grad if batch is None else jax.lax.psum(grad, batch)
+
+  return mesh, per_device, NamedSharding(mesh, PartitionSpec()), (by_batch, by_batch)
+
+
+conv_weight_grad.def_partition(_weight_grad_partition, sharding_rule="n h w c, n p q o -> i j c o",
+                               reduction_factors=("n",),
+                               need_replication_factors=("h", "w", "c", "p", "q", "o", "i", "j"))
