@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
+from jax import custom_batching
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -152,10 +153,7 @@ def _batch_axes(sharding):
 
 
 @functools.partial(custom_partitioning, static_argnums=(2, 3, 4))
-def conv_forward(x: jax.Array, kernel: jax.Array, pads, dilation, flip: bool = False) -> jax.Array:
-  """The stride-1 convolution of x (n, h, w, cin) with kernel (kh, kw, cin, cout); pads ((top, bottom),
-  (left, right)) may be negative (as lax's). flip: convolve with the kernel (kh, kw, cout, cin) turned by 180
-  degrees and its channel axes swapped instead (the input gradient of a convolution, for x = its dy)."""
+def _partitioned_forward(x, kernel, pads, dilation, flip):
   return _forward_call(x, kernel, pads, dilation, flip)
 
 
@@ -166,13 +164,12 @@ def _forward_partition(pads, dilation, flip, mesh, arg_shapes, result_shape):
           (by_batch, NamedSharding(mesh, PartitionSpec())))
 
 
-conv_forward.def_partition(_forward_partition, sharding_rule="n h w c, i j c o -> n p q o",
+_partitioned_forward.def_partition(_forward_partition, sharding_rule="n h w c, i j c o -> n p q o",
                            need_replication_factors=("h", "w", "c", "i", "j", "o", "p", "q"))
 
 
 @functools.partial(custom_partitioning, static_argnums=(2, 3, 4))
-def conv_weight_grad(x: jax.Array, dy: jax.Array, kernel_shape, pads, dilation) -> jax.Array:
-  """d(loss)/d(kernel) of conv_forward(x, kernel, pads, dilation), given dy = d(loss)/d(output)."""
+def _partitioned_weight_grad(x, dy, kernel_shape, pads, dilation):
   return _weight_grad_call(x, dy, kernel_shape, pads, dilation)
 
 
@@ -188,6 +185,55 @@ def _weight_grad_partition(kernel_shape, pads, dilation, mesh, arg_shapes, resul
   return mesh, per_device, NamedSharding(mesh, PartitionSpec()), (by_batch, by_batch)
 
 
-conv_weight_grad.def_partition(_weight_grad_partition, sharding_rule="n h w c, n p q o -> i j c o",
+_partitioned_weight_grad.def_partition(_weight_grad_partition, sharding_rule="n h w c, n p q o -> i j c o",
                                reduction_factors=("n",),
                                need_replication_factors=("h", "w", "c", "p", "q", "o", "i", "j"))
+
+
+# jax.vmap: neither a custom call nor custom_partitioning has a batching rule. A vmapped axis of the images alone is
+# folded into their batch axis (one call); anything else (per-example kernels, or the weight gradient, which is
+# per example under vmap) is one call per example (lax.map).
+def _map_over(fn, axis_size, in_batched, *args):
+  args = [a if batched else jnp.broadcast_to(a, (axis_size, *a.shape)) for a, batched in zip(args, in_batched)]
+  return jax.lax.map(lambda a: fn(*a), tuple(args))
+
+
+@functools.cache
+def _vmappable_forward(pads, dilation, flip):
+  @custom_batching.custom_vmap
+  def forward(x, kernel):
+    return _partitioned_forward(x, kernel, pads, dilation, flip)
+
+  @forward.def_vmap
+  def _rule(axis_size, in_batched, x, kernel):
+    if in_batched == [True, False]:
+      y = forward(x.reshape(-1, *x.shape[2:]), kernel)
+      return y.reshape(axis_size, -1, *y.shape[1:]), True
+    return _map_over(forward, axis_size, in_batched, x, kernel), True
+
+  return forward
+
+
+@functools.cache
+def _vmappable_weight_grad(kernel_shape, pads, dilation):
+  @custom_batching.custom_vmap
+  def weight_grad(x, dy):
+    return _partitioned_weight_grad(x, dy, kernel_shape, pads, dilation)
+
+  @weight_grad.def_vmap
+  def _rule(axis_size, in_batched, x, dy):
+    return _map_over(weight_grad, axis_size, in_batched, x, dy), True
+
+  return weight_grad
+
+
+def conv_forward(x: jax.Array, kernel: jax.Array, pads, dilation, flip: bool = False) -> jax.Array:
+  """The stride-1 convolution of x (n, h, w, cin) with kernel (kh, kw, cin, cout); pads ((top, bottom),
+  (left, right)) may be negative (as lax's). flip: convolve with the kernel (kh, kw, cout, cin) turned by 180
+  degrees and its channel axes swapped instead (the input gradient of a convolution, for x = its dy)."""
+  return _vmappable_forward(tuple(map(tuple, pads)), tuple(dilation), bool(flip))(x, kernel)
+
+
+def conv_weight_grad(x: jax.Array, dy: jax.Array, kernel_shape, pads, dilation) -> jax.Array:
+  """d(loss)/d(kernel) of conv_forward(x, kernel, pads, dilation), given dy = d(loss)/d(output)."""
+  return _vmappable_weight_grad(tuple(kernel_shape), tuple(map(tuple, pads)), tuple(dilation))(x, dy)

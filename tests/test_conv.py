@@ -132,10 +132,19 @@ NATIVE_CASES = [
 ]
 
 
+@pytest.fixture
+def native_kernels():
+  """The native kernels, built: the test fails when a compiler is there and the build fails, and skips (saying so)
+  only on a machine without any C++ compiler, where fcnjax runs XLA's forms."""
+  if native._compiler() is None:  # pylint: disable=protected-access
+    pytest.skip("no C++ compiler ($CXX, c++, g++): fcnjax uses XLA's convolutions here")
+  assert native.available(), "the native kernels did not build (see the warning)"
+
+
 @pytest.mark.parametrize("case", NATIVE_CASES, ids=lambda c: "n{}_{}x{}_{}to{}_k{}".format(*c[:6]) + f"_p{c[6]}_d{c[7]}")
+@pytest.mark.usefixtures("native_kernels")
 def test_native_kernels_match_torch(case):
   n, h, w, cin, cout, k, padding, dilation = case
-  assert native.available(), "the native kernels did not build (see the warning)"
   forms = conv.cpu_forms((n, h, w, cin), (k, k, cin, cout), (1, 1), padding, (dilation, dilation), jnp.float32)
   assert forms == {"forward": "native", "weight grad": "native",
                    "input grad": "native" if cin % 16 == 0 else "xla"}, forms
@@ -162,10 +171,10 @@ def test_native_kernels_match_torch(case):
   np.testing.assert_allclose(np.asarray(dk), dk_ref, atol=1e-5 * scale(dk_ref))
 
 
+@pytest.mark.usefixtures("native_kernels")
 def test_native_input_gradient_is_kept_for_wide_inputs():
   """More than MAX_NATIVE_INPUT_GRAD_CHANNELS input channels: XLA's input gradient, native forward and weight grad."""
   forms = conv.cpu_forms((2, 28, 28, 1024), (3, 3, 1024, 512), (1, 1), ((1, 1), (1, 1)), (1, 1), jnp.float32)
-  assert native.available()
   assert forms == {"forward": "native", "input grad": "xla", "weight grad": "native"}
   # Not for the native kernels: strides, bfloat16, output channels not in 16s, 1x1 kernels (GEMM).
   assert conv.cpu_forms((2, 28, 28, 64), (3, 3, 64, 64), (2, 2), ((1, 1), (1, 1)), (1, 1),
@@ -176,6 +185,34 @@ def test_native_input_gradient_is_kept_for_wide_inputs():
                         jnp.float32)["weight grad"] == "strips"
   assert conv.cpu_forms((2, 28, 28, 64), (1, 1, 64, 64), (1, 1), ((0, 0), (0, 0)), (1, 1),
                         jnp.float32)["forward"] == "gemm"
+
+
+@pytest.mark.usefixtures("native_kernels")
+def test_native_kernels_under_vmap():
+  """jax.vmap over the images (folded into the batch: one call), over images and kernels, and per-example gradients
+  (one weight-gradient call per example) give lax's values."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((3, 2, 9, 10, 16)), jnp.float32)
+  kernels = jnp.asarray(rng.standard_normal((3, 3, 3, 16, 32)), jnp.float32)
+
+  def ours(x, k):
+    return conv.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=conv.NHWC)
+
+  def lax_conv(x, k):
+    return jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=conv.NHWC)
+
+  def loss(conv_fn):
+    return lambda k, x: jnp.sum(jnp.sin(conv_fn(x, k)))
+
+  close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * float(jnp.max(jnp.abs(b))))  # noqa: E731
+  images_only = jax.jit(jax.vmap(ours, in_axes=(0, None)))
+  assert 'custom_call_target="fcnjax_conv_forward"' in images_only.lower(x, kernels[0]).compile().as_text()
+  close(images_only(x, kernels[0]), jax.vmap(lax_conv, in_axes=(0, None))(x, kernels[0]))
+  close(jax.jit(jax.vmap(ours))(x, kernels), jax.vmap(lax_conv)(x, kernels))
+  per_example = jax.jit(jax.vmap(jax.grad(loss(ours), argnums=(0, 1)), in_axes=(None, 0)))(kernels[0], x)
+  reference = jax.vmap(jax.grad(loss(lax_conv), argnums=(0, 1)), in_axes=(None, 0))(kernels[0], x)
+  close(per_example[0], reference[0])
+  close(per_example[1], reference[1])
 
 
 def test_native_build_failure_falls_back_with_a_warning(monkeypatch, tmp_path):
@@ -216,6 +253,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     """)
 
 
+@pytest.mark.usefixtures("native_kernels")
 def test_native_kernels_keep_a_sharded_batch_on_its_devices():
   """Data parallelism over 8 devices: each device convolves its own image (no gathered batch), and the weight
   gradient is the all-reduced sum; values as lax's."""
