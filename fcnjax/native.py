@@ -193,38 +193,32 @@ _partitioned_weight_grad.def_partition(_weight_grad_partition, sharding_rule="n 
 # jax.vmap: neither a custom call nor custom_partitioning has a batching rule. A vmapped axis of the images alone is
 # folded into their batch axis (one call); anything else (per-example kernels, or the weight gradient, which is
 # per example under vmap) is one call per example (lax.map).
-def _map_over(fn, axis_size, in_batched, *args):
-  args = [a if batched else jnp.broadcast_to(a, (axis_size, *a.shape)) for a, batched in zip(args, in_batched)]
-  return jax.lax.map(lambda a: fn(*a), tuple(args))
+def _with_vmap_rule(call, fold_images: bool):
+  """call(a, b) with a jax.vmap rule: with fold_images, a vmapped axis of `a` alone is folded into its batch axis;
+  anything else is one call per example."""
+  vmappable = custom_batching.custom_vmap(call)
+
+  @vmappable.def_vmap
+  def _rule(axis_size, in_batched, a, b):
+    if fold_images and in_batched == [True, False]:
+      y = vmappable(a.reshape(-1, *a.shape[2:]), b)
+      return y.reshape(axis_size, -1, *y.shape[1:]), True
+    a, b = (v if batched else jnp.broadcast_to(v, (axis_size, *v.shape)) for v, batched in zip((a, b), in_batched))
+    return jax.lax.map(lambda ab: vmappable(*ab), (a, b)), True
+
+  return vmappable
 
 
 @functools.cache
 def _vmappable_forward(pads, dilation, flip):
-  @custom_batching.custom_vmap
-  def forward(x, kernel):
-    return _partitioned_forward(x, kernel, pads, dilation, flip)
-
-  @forward.def_vmap
-  def _rule(axis_size, in_batched, x, kernel):
-    if in_batched == [True, False]:
-      y = forward(x.reshape(-1, *x.shape[2:]), kernel)
-      return y.reshape(axis_size, -1, *y.shape[1:]), True
-    return _map_over(forward, axis_size, in_batched, x, kernel), True
-
-  return forward
+  return _with_vmap_rule(lambda x, kernel: _partitioned_forward(x, kernel, pads, dilation, flip), fold_images=True)
 
 
 @functools.cache
 def _vmappable_weight_grad(kernel_shape, pads, dilation):
-  @custom_batching.custom_vmap
-  def weight_grad(x, dy):
-    return _partitioned_weight_grad(x, dy, kernel_shape, pads, dilation)
-
-  @weight_grad.def_vmap
-  def _rule(axis_size, in_batched, x, dy):
-    return _map_over(weight_grad, axis_size, in_batched, x, dy), True
-
-  return weight_grad
+  # Under vmap the weight gradient is per example: folding the examples into one batch would sum them.
+  return _with_vmap_rule(lambda x, dy: _partitioned_weight_grad(x, dy, kernel_shape, pads, dilation),
+                         fold_images=False)
 
 
 def conv_forward(x: jax.Array, kernel: jax.Array, pads, dilation, flip: bool = False) -> jax.Array:
