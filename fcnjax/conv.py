@@ -125,7 +125,7 @@ def _flipped_pads(kernel_hw, pads, dilation):
 def input_grad_by_native(dy: Array, kernel: Array, pads, dilation) -> Array:
   """d(loss)/d(x) of a stride-1 convolution: dy convolved with the kernel turned by 180 degrees, its in and out
   channels swapped (the native kernel flips it itself)."""
-  return native.conv_forward(dy, kernel, _flipped_pads(kernel.shape[:2], pads, dilation), tuple(dilation), True)
+  return native.conv_forward(dy, kernel, _flipped_pads(kernel.shape[:2], pads, dilation), dilation, True)
 
 
 def _patches(x_padded, kernel_hw, out, strides, dilation) -> Array:

@@ -128,8 +128,7 @@ def _forward_call(x, kernel, pads, dilation, flip):
   (top, bottom), (left, right) = pads
   out_h = h + top + bottom - (kh - 1) * dilation[0]
   out_w = w + left + right - (kw - 1) * dilation[1]
-  call = jax.ffi.ffi_call("fcnjax_conv_forward", jax.ShapeDtypeStruct((n, out_h, out_w, cout), x.dtype),
-                          vmap_method="sequential")
+  call = jax.ffi.ffi_call("fcnjax_conv_forward", jax.ShapeDtypeStruct((n, out_h, out_w, cout), x.dtype))
   return call(x, kernel, pad_top=np.int64(top), pad_left=np.int64(left), dil_h=np.int64(dilation[0]),
               dil_w=np.int64(dilation[1]), flip=np.int64(flip), cin_block=np.int64(FORWARD_CIN_BLOCK),
               pixels_per_task=np.int64(FORWARD_PIXELS_PER_TASK))
@@ -138,8 +137,7 @@ def _forward_call(x, kernel, pads, dilation, flip):
 def _weight_grad_call(x, dy, kernel_shape, pads, dilation):
   _require()
   (top, _), (left, _) = pads
-  call = jax.ffi.ffi_call("fcnjax_conv_weight_grad", jax.ShapeDtypeStruct(tuple(kernel_shape), x.dtype),
-                          vmap_method="sequential")
+  call = jax.ffi.ffi_call("fcnjax_conv_weight_grad", jax.ShapeDtypeStruct(tuple(kernel_shape), x.dtype))
   return call(x, dy, pad_top=np.int64(top), pad_left=np.int64(left), dil_h=np.int64(dilation[0]),
               dil_w=np.int64(dilation[1]), rows_per_block=np.int64(WEIGHT_GRAD_ROWS_PER_BLOCK))
 

@@ -2,8 +2,6 @@
 custom VJP and through each CPU form directly (GEMM forward and col2im input gradient; strip-wise weight gradient
 with one strip, several, and several plus a remainder strip; the native C++ kernels), for every option our models
 use, and the native kernels on a batch sharded over 8 devices."""
-import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -141,7 +139,8 @@ def native_kernels():
   assert native.available(), "the native kernels did not build (see the warning)"
 
 
-@pytest.mark.parametrize("case", NATIVE_CASES, ids=lambda c: "n{}_{}x{}_{}to{}_k{}".format(*c[:6]) + f"_p{c[6]}_d{c[7]}")
+@pytest.mark.parametrize("case", NATIVE_CASES,
+                         ids=lambda c: "n{}_{}x{}_{}to{}_k{}".format(*c[:6]) + f"_p{c[6]}_d{c[7]}")
 @pytest.mark.usefixtures("native_kernels")
 def test_native_kernels_match_torch(case):
   n, h, w, cin, cout, k, padding, dilation = case
@@ -204,7 +203,9 @@ def test_native_kernels_under_vmap():
   def loss(conv_fn):
     return lambda k, x: jnp.sum(jnp.sin(conv_fn(x, k)))
 
-  close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * float(jnp.max(jnp.abs(b))))  # noqa: E731
+  def close(a, b):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
   images_only = jax.jit(jax.vmap(ours, in_axes=(0, None)))
   assert 'custom_call_target="fcnjax_conv_forward"' in images_only.lower(x, kernels[0]).compile().as_text()
   close(images_only(x, kernels[0]), jax.vmap(lax_conv, in_axes=(0, None))(x, kernels[0]))
