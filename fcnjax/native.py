@@ -5,7 +5,9 @@ units (-march=native), against the FFI headers that jaxlib ships, into a cache f
 ~/.cache/fcnjax). The library's name holds a hash of the source, the compiler, its flags, jaxlib's version and the
 CPU's features, so a changed source, toolchain or machine builds anew and a shared cache never serves a library
 built for another CPU. Without a compiler, or when the build fails, fcnjax warns once and every convolution keeps
-the pure-XLA forms (fcnjax.conv). FCNJAX_NATIVE=0 turns the kernels off (for comparisons and debugging).
+the pure-XLA forms (fcnjax.conv). FCNJAX_NATIVE=0 turns the kernels off (for comparisons and debugging), and
+FCNJAX_NATIVE_LANES=8 or 16 builds them with the register blocks of 8-float (AVX2) or 16-float (AVX-512) vectors
+whatever the machine has (tests/test_conv.py runs the other target's blocks this way).
 
 The calls (`conv_forward`, `conv_weight_grad`) are stride-1 NHWC/HWIO float32 convolutions whose output channels
 are a multiple of 16; fcnjax.conv decides which convolutions meet that and are worth it.
@@ -32,14 +34,21 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 SOURCE = pathlib.Path(__file__).with_name("native_conv.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
-# Tiling, measured with benchmarks/conv_layers.py on the 2-core Xeon: input channels per pass of the forward kernel
-# (its weights stay in L1/L2), output pixels per forward task (narrow maps group rows, so each weight block is read
-# by more pixels), output rows per weight-gradient block (the block's x and dy stay in cache for every tap).
-FORWARD_CIN_BLOCK = 32
+# Tiling, measured with benchmarks/conv_layers.py on a 2-core Xeon (AVX-512) and a 2-core EPYC (AVX2): the bytes of
+# weights that one pass of the forward kernel reads (they stay in L1/L2; it sets the input channels per pass, 32
+# with AVX-512's 64-channel blocks and 128 with AVX2's 16-channel ones for 3x3 kernels, the best on each machine),
+# output pixels per forward task (narrow maps group rows, so each weight block is read by more pixels), the bytes of
+# x and dy that a weight-gradient block reads (they stay in L2 for every tap; it sets the rows per block).
+FORWARD_PANEL_BYTES = 72 * 1024
 FORWARD_PIXELS_PER_TASK = 224
-WEIGHT_GRAD_ROWS_PER_BLOCK = 4
+WEIGHT_GRAD_BLOCK_BYTES = 256 * 1024
 CHANNEL_MULTIPLE = 16  # output channels come in 16-float vectors
 _TARGETS = {"fcnjax_conv_forward": "ConvForward", "fcnjax_conv_weight_grad": "ConvWeightGrad"}
+
+
+def _flags() -> tuple[str, ...]:
+  lanes = os.environ.get("FCNJAX_NATIVE_LANES")
+  return FLAGS + ((f"-DFCNJAX_LANES={int(lanes)}",) if lanes else ())
 
 
 def _compiler() -> str | None:
@@ -63,7 +72,7 @@ def _cache_dir() -> pathlib.Path:
 def library_path(compiler: str) -> pathlib.Path:
   """Where the library for this source, compiler, jaxlib and CPU is (or will be) cached."""
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-  key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *FLAGS, jaxlib.__version__,
+  key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *_flags(), jaxlib.__version__,
                                   _cpu_features()]).encode()).hexdigest()[:16]
   return _cache_dir() / f"native_conv-{key}.so"
 
@@ -75,7 +84,7 @@ def build(compiler: str, target: pathlib.Path) -> None:
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
   os.close(fd)
   try:
-    subprocess.run([compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp], check=True,
+    subprocess.run([compiler, *_flags(), f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp], check=True,
                    capture_output=True, text=True)
     os.replace(tmp, target)
   finally:
@@ -130,7 +139,7 @@ def _forward_call(x, kernel, pads, dilation, flip):
   out_w = w + left + right - (kw - 1) * dilation[1]
   call = jax.ffi.ffi_call("fcnjax_conv_forward", jax.ShapeDtypeStruct((n, out_h, out_w, cout), x.dtype))
   return call(x, kernel, pad_top=np.int64(top), pad_left=np.int64(left), dil_h=np.int64(dilation[0]),
-              dil_w=np.int64(dilation[1]), flip=np.int64(flip), cin_block=np.int64(FORWARD_CIN_BLOCK),
+              dil_w=np.int64(dilation[1]), flip=np.int64(flip), panel_bytes=np.int64(FORWARD_PANEL_BYTES),
               pixels_per_task=np.int64(FORWARD_PIXELS_PER_TASK))
 
 
@@ -139,7 +148,7 @@ def _weight_grad_call(x, dy, kernel_shape, pads, dilation):
   (top, _), (left, _) = pads
   call = jax.ffi.ffi_call("fcnjax_conv_weight_grad", jax.ShapeDtypeStruct(tuple(kernel_shape), x.dtype))
   return call(x, dy, pad_top=np.int64(top), pad_left=np.int64(left), dil_h=np.int64(dilation[0]),
-              dil_w=np.int64(dilation[1]), rows_per_block=np.int64(WEIGHT_GRAD_ROWS_PER_BLOCK))
+              dil_w=np.int64(dilation[1]), block_bytes=np.int64(WEIGHT_GRAD_BLOCK_BYTES))
 
 
 # Data parallelism: XLA does not know how to split a custom call, and would gather the whole batch onto every

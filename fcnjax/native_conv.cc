@@ -3,12 +3,14 @@
 //
 // Stride-1 convolutions of NHWC float32 maps with HWIO kernels, any kernel size, padding and dilation:
 // - ConvForward: y = conv(x, kernel). With flip = 1 also the input gradient: the forward convolution of dy with the
-//   kernel turned by 180 degrees and its channel axes swapped (flip_kernel).
+//   kernel turned by 180 degrees and its channel axes swapped (pack_kernel).
 // - ConvWeightGrad: d(kernel) = sum over output pixels of x(tap) outer dy.
-// Both keep a block of results in vector registers (7 or 6 pixels x 64 channels for the forward pass, 6 input x 64
-// output channels for the weight gradient) and stream the other operands past it, the way oneDNN's direct kernels
-// do; XLA:CPU's own convolution ran these layers at 60-90% of PyTorch's speed here (docs/performance.md). The vector
-// type is GCC's generic one, so the file builds for any x86/ARM target; -march=native picks the widest units.
+// Both keep a block of results in vector registers and stream the other operands past it, the way oneDNN's direct
+// kernels do; XLA:CPU's own convolution ran these layers at 60-90% of PyTorch's speed (docs/performance.md). The
+// vector type is GCC's generic one, so the file builds for any x86/ARM target; -march=native picks the units. The
+// blocks are sized for the registers the target has: with AVX-512 (32 registers of 16 floats) 7 or 6 pixels x 64
+// channels for the forward pass and 6 input x 64 output channels for the weight gradient; otherwise (AVX2: 16
+// registers of 8 floats) 6 pixels x 16 channels and 6 x 16. AVX-512's blocks on AVX2 would need 56 registers.
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -16,6 +18,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -24,12 +27,27 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
+#if defined(FCNJAX_LANES)
+constexpr int kLanes = FCNJAX_LANES;  // one target's blocks on another (tests/test_conv.py checks AVX-512's on AVX2)
+#elif defined(__AVX512F__)
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+// Output-channel vectors per block (forward and weight gradient): 64 channels with AVX-512, 16 otherwise.
+constexpr int kVectors = kLanes == 16 ? 4 : 2;
+constexpr int kBlockChannels = kLanes * kVectors;
 
-inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
-inline void store(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
-inline v16 bcast(float s) { return v16{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
+typedef float vec __attribute__((vector_size(4 * kLanes)));
+typedef float vecu __attribute__((vector_size(4 * kLanes), aligned(4)));
+
+inline vec load(const float* p) { return *reinterpret_cast<const vecu*>(p); }
+inline void store(float* p, vec v) { *reinterpret_cast<vecu*>(p) = v; }
+template <size_t... lane>
+inline vec bcast_lanes(float s, std::index_sequence<lane...>) {
+  return vec{((void)lane, s)...};  // (vec{} + s would add a zero first: 0 + s is not s for s = -0)
+}
+inline vec bcast(float s) { return bcast_lanes(s, std::make_index_sequence<kLanes>()); }
 
 // A float buffer of at least n elements, taken from (and given back to) a process-wide pool. Fresh multi-MiB
 // allocations are mapped anew by malloc on every call and page-faulted in as they are written: that cost 10-40 ms
@@ -107,74 +125,119 @@ struct Geometry {
   int64_t n, h, w, cin, kh, kw, cout, oh, ow, pad_top, pad_left, dil_h, dil_w;
 };
 
-// y[p, c*16..] for PW output pixels of a row and CB 16-channel vectors, summed over the taps and input channels
-// [ci_lo, ci_hi) (added to what y holds unless ci_lo == 0). Pixels that a tap reads outside the row read `zeros`
-// instead, so every block runs the same branch-free loop; pixels past the row's end are computed and not stored.
+// A map of `pixels` pixels x `channels` channels, as block_channels lays it out: per block of channels
+// [c0, c0 + width) (`block` wide, the last one narrower), a (pixels, width) matrix at data + c0 * pixels. With
+// block >= channels that is NHWC itself.
+struct BlockedMap {
+  const float* data;
+  int64_t pixels, channels, block;
+  // Pixel p's channels from c on (c and the ones read after it in one block), and the floats to the next pixel's.
+  const float* at(int64_t p, int64_t c) const {
+    int64_t c0 = c / block * block;
+    return data + c0 * pixels + p * stride(c) + (c - c0);
+  }
+  int64_t stride(int64_t c) const { return std::min(block, channels - c / block * block); }
+};
+
+// Maps with at least this many channels are blocked: in NHWC a pixel's channels are then >= 512 bytes from the
+// next pixel's, and at 512 channels (2 KiB) the pixels that a kernel block reads all fell in 2 of L1's 64 sets and
+// came from L2 again and again (1.1-1.5x slower at 28x28x512, 2x at 2048 channels).
+constexpr int64_t kMinBlockedChannels = 128;
+
+// src (rows, w, channels) blocked by `block` channels (BlockedMap) into `storage` when it has kMinBlockedChannels
+// or more, else src itself. One task per row.
+BlockedMap block_channels(ffi::ThreadPool& pool, const float* src, int64_t rows, int64_t w, int64_t channels,
+                          int64_t block, std::unique_ptr<Scratch>& storage) {
+  if (channels < kMinBlockedChannels || block >= channels) return {src, rows * w, channels, channels};
+  storage = std::make_unique<Scratch>(rows * w * channels);
+  BlockedMap map{storage->data(), rows * w, channels, block};
+  parallel_for(pool, rows, [&](int64_t row) {
+    for (int64_t c0 = 0; c0 < channels; c0 += block) {
+      float* dst = const_cast<float*>(map.at(row * w, c0));
+      int64_t width = map.stride(c0);
+      for (int64_t px = 0; px < w; ++px)
+        std::memcpy(dst + px * width, src + (row * w + px) * channels + c0, width * sizeof(float));
+    }
+  });
+  return map;
+}
+
+// y[p, c*kLanes..] for PW output pixels of a row and CB vectors of output channels, summed over the taps and input
+// channels [ci_lo, ci_hi) (added to what y holds unless ci_lo == 0). x_image holds those input channels of the image,
+// a pixel's x_stride floats apart (BlockedMap). `panel` holds the kernel's weights for these output channels,
+// (kh, kw, cin, kLanes * CB) (pack_kernel). Pixels that a tap reads outside the row read `zeros` instead, so every
+// block runs the same branch-free loop; pixels past the row's end are computed and not stored.
 template <int CB, int PW>
-inline void forward_block(const Geometry& g, const float* x_image, const float* kernel, const float* zeros,
-                          float* y_row, int64_t oy, int64_t ox0, int64_t co0, int64_t ci_lo, int64_t ci_hi) {
+inline void forward_block(const Geometry& g, const float* x_image, int64_t x_stride, const float* panel,
+                          const float* zeros, float* y_row, int64_t oy, int64_t ox0, int64_t co0, int64_t ci_lo,
+                          int64_t ci_hi) {
   int64_t pixels = std::min<int64_t>(PW, g.ow - ox0);
-  v16 acc[PW][CB];
+  vec acc[PW][CB];
   for (int p = 0; p < PW; ++p)
     for (int c = 0; c < CB; ++c)
-      acc[p][c] = (ci_lo == 0 || p >= pixels) ? v16{} : load(y_row + (ox0 + p) * g.cout + co0 + 16 * c);
+      acc[p][c] = (ci_lo == 0 || p >= pixels) ? vec{} : load(y_row + (ox0 + p) * g.cout + co0 + kLanes * c);
   for (int64_t i = 0; i < g.kh; ++i) {
     int64_t iy = oy - g.pad_top + i * g.dil_h;
     if (iy < 0 || iy >= g.h) continue;
-    const float* x_row = x_image + iy * g.w * g.cin;
+    const float* x_row = x_image + iy * g.w * x_stride;
     for (int64_t j = 0; j < g.kw; ++j) {
       int64_t ix0 = ox0 - g.pad_left + j * g.dil_w;
-      const float* k = kernel + ((i * g.kw + j) * g.cin + ci_lo) * g.cout + co0;
+      const float* k = panel + ((i * g.kw + j) * g.cin + ci_lo) * (kLanes * CB);
       const float* xp[PW];  // each pixel's input channels from ci_lo on
       for (int p = 0; p < PW; ++p) {
         int64_t ix = ix0 + p;
-        xp[p] = ix >= 0 && ix < g.w && p < pixels ? x_row + ix * g.cin + ci_lo : zeros;
+        xp[p] = ix >= 0 && ix < g.w && p < pixels ? x_row + ix * x_stride : zeros;
       }
       for (int64_t ci = 0; ci < ci_hi - ci_lo; ++ci) {
-        v16 wv[CB];
-        for (int c = 0; c < CB; ++c) wv[c] = load(k + ci * g.cout + 16 * c);
+        vec wv[CB];
+        for (int c = 0; c < CB; ++c) wv[c] = load(k + (ci * CB + c) * kLanes);
         for (int p = 0; p < PW; ++p) {
-          v16 xb = bcast(xp[p][ci]);
+          vec xb = bcast(xp[p][ci]);
           for (int c = 0; c < CB; ++c) acc[p][c] += xb * wv[c];
         }
       }
     }
   }
   for (int p = 0; p < pixels; ++p)
-    for (int c = 0; c < CB; ++c) store(y_row + (ox0 + p) * g.cout + co0 + 16 * c, acc[p][c]);
+    for (int c = 0; c < CB; ++c) store(y_row + (ox0 + p) * g.cout + co0 + kLanes * c, acc[p][c]);
 }
 
-// Output rows [r0, r1) (of all images, flattened) for output channels [co0, co0 + 16 * CB): per block of input
+// Output rows [r0, r1) (of all images, flattened) for output channels [co0, co0 + kLanes * CB): per block of input
 // channels, every row's pixel blocks, so that block's weights are read from cache by all of them.
 template <int CB, int PW>
-void forward_rows(const Geometry& g, const float* x, const float* kernel, const float* zeros, float* y, int64_t r0,
-                  int64_t r1, int64_t co0, int64_t cin_block) {
+void forward_rows(const Geometry& g, const BlockedMap& x, const float* packed, const float* zeros, float* y,
+                  int64_t r0, int64_t r1, int64_t co0, int64_t cin_block) {
+  const float* panel = packed + co0 * g.kh * g.kw * g.cin;
   for (int64_t ci_lo = 0; ci_lo < g.cin; ci_lo += cin_block)
     for (int64_t row = r0; row < r1; ++row) {
       int64_t b = row / g.oh, oy = row % g.oh;
-      const float* x_image = x + b * g.h * g.w * g.cin;
       float* y_row = y + row * g.ow * g.cout;
       for (int64_t ox0 = 0; ox0 < g.ow; ox0 += PW)
-        forward_block<CB, PW>(g, x_image, kernel, zeros, y_row, oy, ox0, co0, ci_lo,
-                              std::min(g.cin, ci_lo + cin_block));
+        forward_block<CB, PW>(g, x.at(b * g.h * g.w, ci_lo), x.stride(ci_lo), panel, zeros, y_row, oy, ox0, co0,
+                              ci_lo, std::min(g.cin, ci_lo + cin_block));
     }
 }
 
-template <int CB, int PW>
-void forward_task(const Geometry& g, const float* x, const float* kernel, const float* zeros, float* y, int64_t r0,
-                  int64_t r1, int64_t cin_block) {
+// PW pixels x kBlockChannels per block; the last output channels (fewer than kBlockChannels) in a narrower block
+// with more pixels.
+template <int PW>
+void forward_task(const Geometry& g, const BlockedMap& x, const float* packed, const float* zeros, float* y,
+                  int64_t r0, int64_t r1, int64_t cin_block) {
   int64_t co0 = 0;
-  for (; co0 + 16 * CB <= g.cout; co0 += 16 * CB) forward_rows<CB, PW>(g, x, kernel, zeros, y, r0, r1, co0, cin_block);
-  switch ((g.cout - co0) / 16) {  // the last 16-48 output channels
-    case 3: forward_rows<3, 8>(g, x, kernel, zeros, y, r0, r1, co0, cin_block); break;
-    case 2: forward_rows<2, 12>(g, x, kernel, zeros, y, r0, r1, co0, cin_block); break;
-    case 1: forward_rows<1, 16>(g, x, kernel, zeros, y, r0, r1, co0, cin_block); break;
+  for (; co0 + kBlockChannels <= g.cout; co0 += kBlockChannels)
+    forward_rows<kVectors, PW>(g, x, packed, zeros, y, r0, r1, co0, cin_block);
+  switch ((g.cout - co0) / kLanes) {
+    case 3: forward_rows<3, 8>(g, x, packed, zeros, y, r0, r1, co0, cin_block); break;
+    case 2: forward_rows<2, 12>(g, x, packed, zeros, y, r0, r1, co0, cin_block); break;
+    case 1: forward_rows<1, kLanes == 16 ? 16 : 12>(g, x, packed, zeros, y, r0, r1, co0, cin_block); break;
   }
 }
 
-void forward(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* kernel, float* y,
+void forward(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* packed, float* y,
              int64_t cin_block, int64_t pixels_per_task) {
   std::vector<float> zeros(cin_block, 0.f);
+  std::unique_ptr<Scratch> storage;
+  BlockedMap x_map = block_channels(pool, x, g.n * g.h, g.w, g.cin, cin_block, storage);
   int64_t rows = g.n * g.oh;
   // About pixels_per_task output pixels per task, and as many tasks per thread (2 threads and 7 tasks would
   // leave one thread idle for a seventh of the time).
@@ -183,49 +246,51 @@ void forward(ffi::ThreadPool& pool, const Geometry& g, const float* x, const flo
   int64_t tasks = std::min(rows, threads * per_thread);
   parallel_for(pool, tasks, [&](int64_t task) {
     int64_t r0 = rows * task / tasks, r1 = rows * (task + 1) / tasks;
-    // 7 pixels where they divide the row (224, 112, 56, 28: no partial blocks) is 28 accumulators, one more than
-    // the registers left; the spill costs less than the partial blocks and the extra weight loads of 6.
-    if (g.ow % 7 == 0)
-      forward_task<4, 7>(g, x, kernel, zeros.data(), y, r0, r1, cin_block);
+    // AVX-512: 7 pixels where they divide the row (224, 112, 56, 28: no partial blocks) is 28 accumulators, one
+    // more than the registers left; the spill costs less than the partial blocks and the extra weight loads of 6.
+    if (kLanes == 16 && g.ow % 7 == 0)
+      forward_task<7>(g, x_map, packed, zeros.data(), y, r0, r1, cin_block);
     else
-      forward_task<4, 6>(g, x, kernel, zeros.data(), y, r0, r1, cin_block);
+      forward_task<6>(g, x_map, packed, zeros.data(), y, r0, r1, cin_block);
   });
 }
 
 // d(kernel) accumulated into acc_kernel (kh, kw, cin, cout) over output rows [r0, r1) of all images flattened.
 template <int CB, int CIB>
-inline void weight_grad_block(const Geometry& g, const float* x, const float* dy, float* acc_kernel, int64_t r0,
-                              int64_t r1, int64_t i, int64_t j, int64_t ci0, int64_t co0) {
+inline void weight_grad_block(const Geometry& g, const BlockedMap& x, const BlockedMap& dy, float* acc_kernel,
+                              int64_t r0, int64_t r1, int64_t i, int64_t j, int64_t ci0, int64_t co0) {
   float* dk = acc_kernel + ((i * g.kw + j) * g.cin + ci0) * g.cout + co0;
-  v16 acc[CIB][CB];
+  vec acc[CIB][CB];
   for (int a = 0; a < CIB; ++a)
-    for (int c = 0; c < CB; ++c) acc[a][c] = load(dk + a * g.cout + 16 * c);
+    for (int c = 0; c < CB; ++c) acc[a][c] = load(dk + a * g.cout + kLanes * c);
   int64_t ox_lo = std::max<int64_t>(0, g.pad_left - j * g.dil_w);
   int64_t ox_hi = std::min<int64_t>(g.ow, g.w + g.pad_left - j * g.dil_w);
+  int64_t x_stride = x.stride(ci0), dy_stride = dy.stride(co0);
   for (int64_t row = r0; row < r1; ++row) {
     int64_t b = row / g.oh, oy = row % g.oh;
     int64_t iy = oy - g.pad_top + i * g.dil_h;
     if (iy < 0 || iy >= g.h) continue;
-    const float* dy_p = dy + row * g.ow * g.cout + co0;
-    const float* x_p = x + ((b * g.h + iy) * g.w - g.pad_left + j * g.dil_w) * g.cin + ci0;
+    const float* dy_p = dy.at(row * g.ow, co0);
+    const float* x_p = x.at((b * g.h + iy) * g.w - g.pad_left + j * g.dil_w, ci0);
     for (int64_t ox = ox_lo; ox < ox_hi; ++ox) {
-      v16 d[CB];
-      for (int c = 0; c < CB; ++c) d[c] = load(dy_p + ox * g.cout + 16 * c);
-      const float* xv = x_p + ox * g.cin;
+      vec d[CB];
+      for (int c = 0; c < CB; ++c) d[c] = load(dy_p + ox * dy_stride + kLanes * c);
+      const float* xv = x_p + ox * x_stride;
       for (int a = 0; a < CIB; ++a) {
-        v16 xb = bcast(xv[a]);
+        vec xb = bcast(xv[a]);
         for (int c = 0; c < CB; ++c) acc[a][c] += xb * d[c];
       }
     }
   }
   for (int a = 0; a < CIB; ++a)
-    for (int c = 0; c < CB; ++c) store(dk + a * g.cout + 16 * c, acc[a][c]);
+    for (int c = 0; c < CB; ++c) store(dk + a * g.cout + kLanes * c, acc[a][c]);
 }
 
 template <int CB>
-void weight_grad_rows(const Geometry& g, const float* x, const float* dy, float* acc_kernel, int64_t r0, int64_t r1,
-                      int64_t co0) {
-  constexpr int CIB = CB >= 4 ? 6 : CB == 3 ? 8 : CB == 2 ? 12 : 16;
+void weight_grad_rows(const Geometry& g, const BlockedMap& x, const BlockedMap& dy, float* acc_kernel, int64_t r0,
+                      int64_t r1, int64_t co0) {
+  // Input channels per block: as many as the registers hold next to CB vectors of dy.
+  constexpr int CIB = kLanes == 16 ? (CB >= 4 ? 6 : CB == 3 ? 8 : CB == 2 ? 12 : 16) : (CB >= 2 ? 6 : 12);
   for (int64_t i = 0; i < g.kh; ++i)
     for (int64_t j = 0; j < g.kw; ++j) {
       int64_t ci0 = 0;
@@ -243,15 +308,15 @@ void weight_grad_rows(const Geometry& g, const float* x, const float* dy, float*
     }
 }
 
-// Output channels [co0, co1) of d(kernel), in 16 * CB blocks, over output rows [r0, r1) in blocks of
+// Output channels [co0, co1) of d(kernel), in kBlockChannels blocks, over output rows [r0, r1) in blocks of
 // rows_per_block (so that a block's x and dy stay in cache while every tap and input channel reads them).
-void weight_grad_task(const Geometry& g, const float* x, const float* dy, float* acc, int64_t r0, int64_t r1,
-                      int64_t co0, int64_t co1, int64_t rows_per_block) {
+void weight_grad_task(const Geometry& g, const BlockedMap& x, const BlockedMap& dy, float* acc, int64_t r0,
+                      int64_t r1, int64_t co0, int64_t co1, int64_t rows_per_block) {
   for (int64_t b0 = r0; b0 < r1; b0 += rows_per_block) {
     int64_t b1 = std::min(r1, b0 + rows_per_block);
     int64_t co = co0;
-    for (; co + 64 <= co1; co += 64) weight_grad_rows<4>(g, x, dy, acc, b0, b1, co);
-    switch ((co1 - co) / 16) {
+    for (; co + kBlockChannels <= co1; co += kBlockChannels) weight_grad_rows<kVectors>(g, x, dy, acc, b0, b1, co);
+    switch ((co1 - co) / kLanes) {
       case 3: weight_grad_rows<3>(g, x, dy, acc, b0, b1, co); break;
       case 2: weight_grad_rows<2>(g, x, dy, acc, b0, b1, co); break;
       case 1: weight_grad_rows<1>(g, x, dy, acc, b0, b1, co); break;
@@ -259,17 +324,29 @@ void weight_grad_task(const Geometry& g, const float* x, const float* dy, float*
   }
 }
 
-void weight_grad(ffi::ThreadPool& pool, const Geometry& g, const float* x, const float* dy, float* dk,
-                 int64_t rows_per_block) {
+// x's channels in blocks of 48, a multiple of every block of input channels that weight_grad_rows reads (6, 8, 12
+// or 16), dy's in blocks of output channels.
+constexpr int64_t kWeightGradInputBlock = 48;
+
+void weight_grad(ffi::ThreadPool& pool, const Geometry& g, const float* x_nhwc, const float* dy_nhwc, float* dk,
+                 int64_t block_bytes) {
+  std::unique_ptr<Scratch> x_storage, dy_storage;
+  BlockedMap x = block_channels(pool, x_nhwc, g.n * g.h, g.w, g.cin, kWeightGradInputBlock, x_storage);
+  BlockedMap dy = block_channels(pool, dy_nhwc, g.n * g.oh, g.ow, g.cout, kBlockChannels, dy_storage);
+  // As many rows per block as fit about block_bytes of the x and dy that a block of d(kernel) reads: each block
+  // loads and stores every tile of d(kernel) once, and on small maps with many channels (28x28x512) those
+  // strided tiles, not the FMAs, took most of the time with 4 rows (112 pixels) per block.
+  int64_t rows_per_block = std::max<int64_t>(1, block_bytes / (g.ow * (x.stride(0) + dy.stride(0)) * 4));
   int64_t rows = g.n * g.oh;
   int64_t size = g.kh * g.kw * g.cin * g.cout;
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  int64_t co_blocks = (g.cout + 63) / 64;
+  int64_t co_blocks = (g.cout + kBlockChannels - 1) / kBlockChannels;
   if (size > rows * g.ow * (g.cin + g.cout) && co_blocks >= threads) {
     // d(kernel) is bigger than the activations: each thread owns some output channels of it and reads all rows.
     std::memset(dk, 0, size * sizeof(float));
     parallel_for(pool, threads, [&](int64_t t) {
-      int64_t co0 = 64 * (co_blocks * t / threads), co1 = std::min(g.cout, 64 * (co_blocks * (t + 1) / threads));
+      int64_t co0 = kBlockChannels * (co_blocks * t / threads);
+      int64_t co1 = std::min(g.cout, kBlockChannels * (co_blocks * (t + 1) / threads));
       weight_grad_task(g, x, dy, dk, 0, rows, co0, co1, rows_per_block);
     });
     return;
@@ -292,56 +369,65 @@ void weight_grad(ffi::ThreadPool& pool, const Geometry& g, const float* x, const
 
 }  // namespace
 
-// kernel (kh, kw, a, b) -> flipped (kh, kw, b, a), turned by 180 degrees: the kernel whose forward convolution of
-// dy is the input gradient. One task per tap, in 8 x 8 tiles: the rows of a 2-4 KiB-strided matrix all fall in
-// the same L1 set, and 32-row tiles evicted every line they wrote (XLA's transpose took 40-60 ms for a
-// 3x3x2048x512 kernel).
-void flip_kernel(ffi::ThreadPool& pool, const float* kernel, int64_t kh, int64_t kw, int64_t a, int64_t b,
-                 float* flipped) {
-  parallel_for(pool, kh * kw, [&](int64_t tap) {
-    const float* src = kernel + (kh * kw - 1 - tap) * a * b;
-    float* dst = flipped + tap * a * b;
-    for (int64_t i0 = 0; i0 < a; i0 += 8)
-      for (int64_t j0 = 0; j0 < b; j0 += 8)
-        for (int64_t i = i0; i < std::min(a, i0 + 8); ++i)
-          for (int64_t j = j0; j < std::min(b, j0 + 8); ++j) dst[j * a + i] = src[i * b + j];
+// The kernel as the forward pass reads it: per block of output channels [co0, co0 + width) (kBlockChannels wide, the
+// last one narrower), a panel (kh, kw, cin, width) at packed + co0 * kh * kw * cin, so a block streams through
+// contiguous weights. In HWIO, a weight row is cout floats apart; at 512 channels (2 KiB), the rows that a block
+// reads all fell in 2 of L1's 64 sets and were fetched from L2 again and again (1.5x slower than XLA at 28x28x512).
+// With flip, kernel is (kh, kw, cout, cin) and the panels hold it turned by 180 degrees, channel axes swapped: the
+// kernel whose forward convolution of dy is the input gradient. One task per block and tap; with flip in 8 x 8
+// tiles, as the source's rows are cin floats apart.
+void pack_kernel(ffi::ThreadPool& pool, const float* kernel, int64_t kh, int64_t kw, int64_t cin, int64_t cout,
+                 bool flip, float* packed) {
+  int64_t taps = kh * kw, blocks = (cout + kBlockChannels - 1) / kBlockChannels;
+  parallel_for(pool, blocks * taps, [&](int64_t task) {
+    int64_t co0 = task / taps * kBlockChannels, tap = task % taps;
+    int64_t width = std::min<int64_t>(kBlockChannels, cout - co0);
+    float* dst = packed + co0 * taps * cin + tap * cin * width;
+    if (!flip) {
+      for (int64_t ci = 0; ci < cin; ++ci)
+        std::memcpy(dst + ci * width, kernel + (tap * cin + ci) * cout + co0, width * sizeof(float));
+      return;
+    }
+    const float* src = kernel + (taps - 1 - tap) * cout * cin + co0 * cin;  // src[c * cin + ci]
+    for (int64_t ci0 = 0; ci0 < cin; ci0 += 8)
+      for (int64_t c0 = 0; c0 < width; c0 += 8)
+        for (int64_t ci = ci0; ci < std::min(cin, ci0 + 8); ++ci)
+          for (int64_t c = c0; c < std::min(width, c0 + 8); ++c) dst[ci * width + c] = src[c * cin + ci];
   });
 }
 
-// flip == 0: y = conv(x, kernel). flip == 1: y = conv(x, flip_kernel(kernel)), the input gradient of a convolution
-// with `kernel` when x is its dy (and the pads are the flipped ones).
+// flip == 0: y = conv(x, kernel). flip == 1: y = conv(x, kernel flipped by pack_kernel), the input gradient of a
+// convolution with `kernel` when x is its dy (and the pads are the flipped ones).
 static ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                                   ffi::ResultBuffer<ffi::F32> y, int64_t pad_top, int64_t pad_left, int64_t dil_h,
-                                  int64_t dil_w, int64_t flip, int64_t cin_block, int64_t pixels_per_task) {
+                                  int64_t dil_w, int64_t flip, int64_t panel_bytes, int64_t pixels_per_task) {
   auto xd = x.dimensions(), kd = kernel.dimensions(), yd = y->dimensions();
   if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4)
     return ffi::Error::InvalidArgument("fcnjax ConvForward: x, kernel and y must be 4-D");
   int64_t cin = flip ? kd[3] : kd[2], cout = flip ? kd[2] : kd[3];
-  if (cin != xd[3] || cout != yd[3] || yd[0] != xd[0] || cout % 16 || cin_block < 1 || pixels_per_task < 1)
+  if (cin != xd[3] || cout != yd[3] || yd[0] != xd[0] || cout % 16 || panel_bytes < 1 || pixels_per_task < 1)
     return ffi::Error::InvalidArgument("fcnjax ConvForward: needs x (n,h,w,cin), kernel (kh,kw,cin,cout) (or "
                                        "(kh,kw,cout,cin) with flip), y (n,oh,ow,cout), cout a multiple of 16");
   Geometry g{xd[0], xd[1], xd[2], cin, kd[0], kd[1], cout, yd[1], yd[2], pad_top, pad_left, dil_h, dil_w};
-  const float* k = kernel.typed_data();
-  std::unique_ptr<Scratch> flipped;
-  if (flip) {
-    flipped = std::make_unique<Scratch>(kd[0] * kd[1] * cin * cout);
-    flip_kernel(pool, k, kd[0], kd[1], kd[2], kd[3], flipped->data());
-    k = flipped->data();
-  }
-  forward(pool, g, x.typed_data(), k, y->typed_data(), cin_block, pixels_per_task);
+  Scratch packed(kd[0] * kd[1] * cin * cout);
+  pack_kernel(pool, kernel.typed_data(), kd[0], kd[1], cin, cout, flip != 0, packed.data());
+  // Input channels per pass: the weights that a pass of a block reads (kh x kw x cin_block x kBlockChannels) fill
+  // about panel_bytes, whatever the vector width (32 x 64 channels with AVX-512, 128 x 16 with AVX2 for 3x3).
+  int64_t cin_block = std::max<int64_t>(8, panel_bytes / (kd[0] * kd[1] * kBlockChannels * sizeof(float)) / 8 * 8);
+  forward(pool, g, x.typed_data(), packed.data(), y->typed_data(), cin_block, pixels_per_task);
   return ffi::Error::Success();
 }
 
 static ffi::Error ConvWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                                      ffi::ResultBuffer<ffi::F32> dk, int64_t pad_top, int64_t pad_left,
-                                     int64_t dil_h, int64_t dil_w, int64_t rows_per_block) {
+                                     int64_t dil_h, int64_t dil_w, int64_t block_bytes) {
   auto xd = x.dimensions(), dyd = dy.dimensions(), kd = dk->dimensions();
   if (xd.size() != 4 || dyd.size() != 4 || kd.size() != 4 || kd[2] != xd[3] || kd[3] != dyd[3] || dyd[0] != xd[0] ||
-      kd[3] % 16 || rows_per_block < 1)
+      kd[3] % 16 || block_bytes < 1)
     return ffi::Error::InvalidArgument("fcnjax ConvWeightGrad: needs x (n,h,w,cin), dy (n,oh,ow,cout), d(kernel) "
                                        "(kh,kw,cin,cout), cout a multiple of 16");
   Geometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], kd[3], dyd[1], dyd[2], pad_top, pad_left, dil_h, dil_w};
-  weight_grad(pool, g, x.typed_data(), dy.typed_data(), dk->typed_data(), rows_per_block);
+  weight_grad(pool, g, x.typed_data(), dy.typed_data(), dk->typed_data(), block_bytes);
   return ffi::Error::Success();
 }
 
@@ -361,8 +447,8 @@ static auto WindowCallBinding() {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvForward, ConvForwardImpl,
                               WindowCallBinding()
                                   .Attr<int64_t>("flip")
-                                  .Attr<int64_t>("cin_block")
+                                  .Attr<int64_t>("panel_bytes")
                                   .Attr<int64_t>("pixels_per_task"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvWeightGrad, ConvWeightGradImpl,
-                              WindowCallBinding().Attr<int64_t>("rows_per_block"));
+                              WindowCallBinding().Attr<int64_t>("block_bytes"));

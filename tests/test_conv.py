@@ -113,10 +113,10 @@ def test_gemm_form_is_picked_for_1x1_kernels_and_few_output_pixels(monkeypatch):
 
 # (batch, height, width, in, out, kernel, padding, dilation) for the native kernels (stride 1, out channels in 16s):
 # widths that 6 and 7 divide and that neither does (the forward kernel's pixel blocks), 16-80 output channels (its
-# 1-4-vector blocks and their remainder), more input channels than its 32-channel passes, input channels that 6
-# does not divide (the weight gradient's blocks) or 16 does not (input gradient: XLA's), dilations 2 and 4, 5x5 and
-# 7x7 kernels, uneven padding, enough rows for several tasks, and a kernel bigger than the activations (the weight
-# gradient split by output channels).
+# 1-4-vector blocks and their remainder), more input channels than one of its passes takes (32 with AVX-512, 128
+# with AVX2), input channels that 6 does not divide (the weight gradient's blocks) or 16 does not (input gradient:
+# XLA's), dilations 2 and 4, 5x5 and 7x7 kernels, uneven padding, enough rows for several tasks, a kernel bigger
+# than the activations (the weight gradient split by output channels), and maps blocked by channels.
 NATIVE_CASES = [
     (2, 17, 13, 16, 32, 3, ((1, 1), (1, 1)), 1),
     (1, 14, 21, 32, 48, 3, ((1, 1), (1, 1)), 1),
@@ -127,6 +127,8 @@ NATIVE_CASES = [
     (1, 9, 30, 70, 64, 5, ((3, 1), (0, 2)), 1),
     (2, 40, 40, 16, 16, 3, ((1, 1), (1, 1)), 1),
     (1, 10, 20, 128, 144, 3, ((1, 1), (1, 1)), 1),
+    # Blocked channels (>= 128; native_conv.cc's BlockedMap), with a narrower last block in every layout.
+    (2, 7, 9, 136, 32, 3, ((1, 1), (1, 1)), 2),
 ]
 
 
@@ -262,6 +264,21 @@ def test_native_kernels_keep_a_sharded_batch_on_its_devices():
                           text=True, timeout=300, cwd=REPO_ROOT)
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
   assert "REL" in result.stdout
+
+
+@pytest.mark.usefixtures("native_kernels")
+def test_native_kernels_with_the_other_targets_blocks(tmp_path):
+  """The register blocks of the vector width this machine does not have (AVX-512's 16-float vectors on an AVX2
+  machine, AVX2's on an AVX-512 one; GCC's generic vectors run either anywhere): the torch parity cases again,
+  in a build of their own."""
+  lanes = 8 if "avx512f" in native._cpu_features() else 16  # pylint: disable=protected-access
+  env = subprocess_env(1, FCNJAX_NATIVE_LANES=str(lanes), FCNJAX_CACHE_DIR=str(tmp_path))
+  result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_conv.py",
+                           "-k", "test_native_kernels_match_torch"], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=REPO_ROOT)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+  assert f"{len(NATIVE_CASES)} passed" in result.stdout
+  assert list(tmp_path.glob("native_conv-*.so")), "the other build was not made"
 
 
 def test_strip_gemm_rows_follow_the_patch_bytes():
