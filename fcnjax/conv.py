@@ -43,11 +43,17 @@ MAX_STRIP_GEMM_ROWS = 4096
 MAX_XLA_GRAD_OUT_CHANNELS = 16
 # Up to this many output channels the strips' GEMM takes dy as its first operand (see weight_grad_by_strips).
 MAX_DY_FIRST_OUT_CHANNELS = 128
-# The native input gradient is a forward convolution with the kernel flipped and transposed in C++ each step; that
-# copy costs ~3-6 ns per kernel element here, which at 28x28 with 1024-2048 input channels (its output channels)
-# made it slower than XLA's (3x3x2048x512: 266 vs 193 ms); with <= 512 it was 0.8-1.4x XLA's speed from run to run,
-# faster in most (benchmarks/conv_layers.py).
+# The native input gradient is a forward convolution with the kernel flipped and transposed in C++ each step. On the
+# 2-core Xeon (AVX-512 build) that copy cost ~3-6 ns per kernel element, which at 28x28 with 1024-2048 input channels
+# (its output channels) made it slower than XLA's (3x3x2048x512: 266 vs 193 ms); with <= 512 it was 0.8-1.4x XLA's
+# speed, faster in most runs. On the 2-core EPYC (AVX2 build) it was faster than XLA's for 2048 too (175 vs 234 ms,
+# benchmarks/conv_layers.py), so the limit holds for AVX-512 builds only.
 MAX_NATIVE_INPUT_GRAD_CHANNELS = 512
+
+
+def max_native_input_grad_channels() -> int | None:
+  """The most input channels whose input gradient the native kernels compute (None: no limit)."""
+  return MAX_NATIVE_INPUT_GRAD_CHANNELS if native.vector_lanes() == 16 else None
 
 
 def strip_gemm_rows(kernel_shape: Sequence[int], itemsize: int) -> int:
@@ -110,8 +116,9 @@ def cpu_forms(x_shape, kernel_shape, strides, pads, dilation, dtype) -> dict[str
   gemm = by_gemm(x_shape, kernel_shape, strides, pads, dilation)
   direct = by_native(x_shape, kernel_shape, strides, pads, dilation, dtype)
   # The input gradient is a native forward convolution whose output channels are the input's.
+  limit = max_native_input_grad_channels() if direct else None
   direct_input_grad = (direct and kernel_shape[2] % native.CHANNEL_MULTIPLE == 0
-                       and kernel_shape[2] <= MAX_NATIVE_INPUT_GRAD_CHANNELS)
+                       and (limit is None or kernel_shape[2] <= limit))
   return {"forward": "native" if direct else "gemm" if gemm else "xla",
           "input grad": "native" if direct_input_grad else "gemm" if gemm else "xla",
           "weight grad": "native" if direct else "strips" if kernel_shape[3] > MAX_XLA_GRAD_OUT_CHANNELS else "xla"}

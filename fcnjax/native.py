@@ -117,6 +117,14 @@ def available() -> bool:
   return True
 
 
+@functools.cache
+def vector_lanes() -> int:
+  """Floats per vector register the built kernels use: 16 (AVX-512) or 8 (AVX2 and others); 0 without them."""
+  if not available():
+    return 0
+  return int(ctypes.cdll.LoadLibrary(str(library_path(_compiler()))).FcnjaxVectorLanes())
+
+
 def supports(dtype, out_channels: int, strides) -> bool:
   """Whether a convolution with these operands can use the kernels (built or not)."""
   return (jnp.dtype(dtype) == jnp.float32 and out_channels % CHANNEL_MULTIPLE == 0

@@ -444,6 +444,9 @@ static auto WindowCallBinding() {
       .Attr<int64_t>("dil_w");
 }
 
+// Floats per vector in this build (fcnjax.native.vector_lanes): fcnjax.conv picks some forms by it.
+extern "C" int FcnjaxVectorLanes() { return kLanes; }
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvForward, ConvForwardImpl,
                               WindowCallBinding()
                                   .Attr<int64_t>("flip")
