@@ -274,7 +274,7 @@ def test_native_kernels_with_the_other_targets_blocks(tmp_path):
   """The register blocks of the vector width this machine does not have (AVX-512's 16-float vectors on an AVX2
   machine, AVX2's on an AVX-512 one; GCC's generic vectors run either anywhere): the torch parity cases again,
   in a build of their own."""
-  lanes = 8 if "avx512f" in native._cpu_features() else 16  # pylint: disable=protected-access
+  lanes = 8 if native.vector_lanes() == 16 else 16
   env = subprocess_env(1, FCNJAX_NATIVE_LANES=str(lanes), FCNJAX_CACHE_DIR=str(tmp_path))
   result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_conv.py",
                            "-k", "test_native_kernels_match_torch"], env=env, capture_output=True, text=True,
