@@ -4,8 +4,9 @@
 
 For every case: the forward pass, the input gradient and the weight gradient, jitted and timed alone (median of
 --repeats after a warm-up), as lax computes them and as fcnjax.conv does on CPU, through its own custom VJP, with
-the form `conv.cpu_forms` picks named: "native" (fcnjax.native's C++ kernels), "gemm" (patches @ kernel,
-dy @ kernel^T + col2im), "strips" (the strip-wise weight gradient), "=" where fcnjax keeps XLA's. Each of our
+the form `conv.cpu_forms` picks named: "native" (fcnjax.native's direct C++ kernels), "winograd" (its F(2x2, 3x3)
+kernels), "gemm" (patches @ kernel, dy @ kernel^T + col2im), "strips" (the strip-wise weight gradient), "=" where
+fcnjax keeps XLA's. Each of our
 results is checked against XLA's. Shapes: the U-Net's 3x3 layers at 224x224 (64..1024 channels, a decoder's
 128 -> 64), its first layer, ResNet-50's 3x3/2, 7x7/2 and 1x1 layers, fcn_resnet50's classifier conv, fcn8s's fc6
 and fc7, and the quickstart U-Net's 16-channel layers at batch 16.

@@ -9,6 +9,8 @@ the pure-XLA forms (fcnjax.conv). FCNJAX_NATIVE=0 turns the kernels off (for com
 FCNJAX_NATIVE_LANES=8 or 16 builds them with the register blocks of 8-float (AVX2) or 16-float (AVX-512) vectors
 whatever the machine has (tests/test_conv.py runs the other target's blocks this way).
 
+FCNJAX_WINOGRAD=0 turns off Winograd's F(2x2, 3x3) (`winograd`), leaving the direct kernels.
+
 The calls (`conv_forward`, `conv_weight_grad`) are stride-1 NHWC/HWIO float32 convolutions whose output channels
 are a multiple of 16; fcnjax.conv decides which convolutions meet that and are worth it.
 """
@@ -42,6 +44,20 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 FORWARD_PANEL_BYTES = 72 * 1024
 FORWARD_PIXELS_PER_TASK = 224
 WEIGHT_GRAD_BLOCK_BYTES = 256 * 1024
+# Winograd's F(2x2, 3x3), measured on the EPYC (forward ms, batch 2, against the direct kernel's): its kernel
+# transform U is 16 x cin x cout floats. Up to WINOGRAD_LOCAL_KERNEL_BYTES of U (256 -> 256 channels), each task
+# transforms, multiplies and transforms back a chunk of tiles whose transformed input and output fill about
+# WINOGRAD_LOCAL_CHUNK_BYTES (they stay in L2; 224x224x64: 22 vs 41 ms; chunks of 4 MiB shared by the threads gave
+# 25-48 ms, depending on the machine's other load). A bigger U is read from memory once per chunk, so there the
+# chunks hold at least U's bytes of tiles (WINOGRAD_CHUNK_BYTES at least) and the threads share each chunk's products
+# (28x28, 512 -> 512: 23 vs 43 ms; 2048 -> 512: 85 vs 175 ms; chunks of L2's size: 40 and 191 ms). A pass of the
+# products reads about WINOGRAD_PANEL_BYTES of U (32-72 KiB: within 5%; 8 KiB: 1.3x slower). Below
+# WINOGRAD_MIN_IN_CHANNELS the transforms cost what the products save (16 -> 16 at 64x64: 2.0 vs 1.9 ms).
+WINOGRAD_CHUNK_BYTES = 4 << 20
+WINOGRAD_PANEL_BYTES = 72 * 1024
+WINOGRAD_LOCAL_KERNEL_BYTES = 4 << 20
+WINOGRAD_LOCAL_CHUNK_BYTES = 256 << 10
+WINOGRAD_MIN_IN_CHANNELS = 32
 CHANNEL_MULTIPLE = 16  # output channels come in 16-float vectors
 _TARGETS = {"fcnjax_conv_forward": "ConvForward", "fcnjax_conv_weight_grad": "ConvWeightGrad"}
 
@@ -137,7 +153,15 @@ def _require() -> None:
                        "see the warning above); fcnjax.conv falls back to XLA's forms by itself")
 
 
-def _forward_call(x, kernel, pads, dilation, flip):
+def winograd(kernel_shape, flip: bool = False) -> bool:
+  """Whether conv_forward(..., flip, by_winograd=True) takes this kernel: 3x3, and input channels (of the
+  convolution it computes) a multiple of 16 and at least WINOGRAD_MIN_IN_CHANNELS. FCNJAX_WINOGRAD=0 says no."""
+  cin = kernel_shape[3 if flip else 2]
+  return (os.environ.get("FCNJAX_WINOGRAD", "1") != "0" and tuple(kernel_shape[:2]) == (3, 3)
+          and cin % CHANNEL_MULTIPLE == 0 and cin >= WINOGRAD_MIN_IN_CHANNELS)
+
+
+def _forward_call(x, kernel, pads, dilation, flip, by_winograd):
   _require()
   n, h, w, _ = x.shape
   kh, kw = kernel.shape[:2]
@@ -145,10 +169,16 @@ def _forward_call(x, kernel, pads, dilation, flip):
   (top, bottom), (left, right) = pads
   out_h = h + top + bottom - (kh - 1) * dilation[0]
   out_w = w + left + right - (kw - 1) * dilation[1]
+  if by_winograd and not winograd(kernel.shape, flip):
+    raise ValueError(f"fcnjax.native: Winograd's F(2x2, 3x3) does not take a {kernel.shape} kernel (flip={flip})")
   call = jax.ffi.ffi_call("fcnjax_conv_forward", jax.ShapeDtypeStruct((n, out_h, out_w, cout), x.dtype))
   return call(x, kernel, pad_top=np.int64(top), pad_left=np.int64(left), dil_h=np.int64(dilation[0]),
-              dil_w=np.int64(dilation[1]), flip=np.int64(flip), panel_bytes=np.int64(FORWARD_PANEL_BYTES),
-              pixels_per_task=np.int64(FORWARD_PIXELS_PER_TASK))
+              dil_w=np.int64(dilation[1]), flip=np.int64(flip),
+              panel_bytes=np.int64(WINOGRAD_PANEL_BYTES if by_winograd else FORWARD_PANEL_BYTES),
+              pixels_per_task=np.int64(FORWARD_PIXELS_PER_TASK),
+              winograd_chunk_bytes=np.int64(WINOGRAD_CHUNK_BYTES if by_winograd else 0),
+              winograd_local_kernel_bytes=np.int64(WINOGRAD_LOCAL_KERNEL_BYTES),
+              winograd_local_chunk_bytes=np.int64(WINOGRAD_LOCAL_CHUNK_BYTES))
 
 
 def _weight_grad_call(x, dy, kernel_shape, pads, dilation):
@@ -167,15 +197,15 @@ def _batch_axes(sharding):
   return spec[0] if len(spec) else None
 
 
-@functools.partial(custom_partitioning, static_argnums=(2, 3, 4))
-def _partitioned_forward(x, kernel, pads, dilation, flip):
-  return _forward_call(x, kernel, pads, dilation, flip)
+@functools.partial(custom_partitioning, static_argnums=(2, 3, 4, 5))
+def _partitioned_forward(x, kernel, pads, dilation, flip, by_winograd):
+  return _forward_call(x, kernel, pads, dilation, flip, by_winograd)
 
 
-def _forward_partition(pads, dilation, flip, mesh, arg_shapes, result_shape):
+def _forward_partition(pads, dilation, flip, by_winograd, mesh, arg_shapes, result_shape):
   del result_shape
   by_batch = NamedSharding(mesh, PartitionSpec(_batch_axes(arg_shapes[0].sharding)))
-  return (mesh, lambda x, kernel: _forward_call(x, kernel, pads, dilation, flip), by_batch,
+  return (mesh, lambda x, kernel: _forward_call(x, kernel, pads, dilation, flip, by_winograd), by_batch,
           (by_batch, NamedSharding(mesh, PartitionSpec())))
 
 
@@ -225,8 +255,9 @@ def _with_vmap_rule(call, fold_images: bool):
 
 
 @functools.cache
-def _vmappable_forward(pads, dilation, flip):
-  return _with_vmap_rule(lambda x, kernel: _partitioned_forward(x, kernel, pads, dilation, flip), fold_images=True)
+def _vmappable_forward(pads, dilation, flip, by_winograd):
+  return _with_vmap_rule(lambda x, kernel: _partitioned_forward(x, kernel, pads, dilation, flip, by_winograd),
+                         fold_images=True)
 
 
 @functools.cache
@@ -236,11 +267,13 @@ def _vmappable_weight_grad(kernel_shape, pads, dilation):
                          fold_images=False)
 
 
-def conv_forward(x: jax.Array, kernel: jax.Array, pads, dilation, flip: bool = False) -> jax.Array:
+def conv_forward(x: jax.Array, kernel: jax.Array, pads, dilation, flip: bool = False,
+                 by_winograd: bool = False) -> jax.Array:
   """The stride-1 convolution of x (n, h, w, cin) with kernel (kh, kw, cin, cout); pads ((top, bottom),
   (left, right)) may be negative (as lax's). flip: convolve with the kernel (kh, kw, cout, cin) turned by 180
-  degrees and its channel axes swapped instead (the input gradient of a convolution, for x = its dy)."""
-  return _vmappable_forward(tuple(map(tuple, pads)), tuple(dilation), bool(flip))(x, kernel)
+  degrees and its channel axes swapped instead (the input gradient of a convolution, for x = its dy).
+  by_winograd: by Winograd's F(2x2, 3x3) instead of the direct kernel (only where `winograd` says it can)."""
+  return _vmappable_forward(tuple(map(tuple, pads)), tuple(dilation), bool(flip), bool(by_winograd))(x, kernel)
 
 
 def conv_weight_grad(x: jax.Array, dy: jax.Array, kernel_shape, pads, dilation) -> jax.Array:

@@ -129,7 +129,22 @@ NATIVE_CASES = [
     (1, 10, 20, 128, 144, 3, ((1, 1), (1, 1)), 1),
     # Blocked channels (>= 128; native_conv.cc's BlockedMap), with a narrower last block in every layout.
     (2, 7, 9, 136, 32, 3, ((1, 1), (1, 1)), 2),
+    # Winograd: uneven padding on odd sizes (tiles past the map's edge, a last register block of fewer tiles), and
+    # a kernel transform bigger than WINOGRAD_LOCAL_KERNEL_BYTES (the chunked schedule), with dilation 2 and, with
+    # AVX-512, a narrower last block of output channels.
+    (2, 11, 13, 48, 32, 3, ((1, 2), (0, 3)), 1),
+    (2, 12, 13, 256, 272, 3, ((2, 2), (2, 2)), 2),
 ]
+
+
+def expected_native_forms(cin, cout, k):
+  """The forms for a NATIVE_CASES case: Winograd for 3x3 kernels whose convolution (the forward one, or the input
+  gradient's, from cout to cin channels) has at least 32 input channels in 16s, else the direct kernels; the input
+  gradient is XLA's when cin is not a multiple of 16."""
+  def winograd(channels_in):
+    return k == 3 and channels_in % 16 == 0 and channels_in >= native.WINOGRAD_MIN_IN_CHANNELS
+  return {"forward": "winograd" if winograd(cin) else "native", "weight grad": "native",
+          "input grad": "xla" if cin % 16 else "winograd" if winograd(cout) else "native"}
 
 
 @pytest.fixture
@@ -147,8 +162,7 @@ def native_kernels():
 def test_native_kernels_match_torch(case):
   n, h, w, cin, cout, k, padding, dilation = case
   forms = conv.cpu_forms((n, h, w, cin), (k, k, cin, cout), (1, 1), padding, (dilation, dilation), jnp.float32)
-  assert forms == {"forward": "native", "weight grad": "native",
-                   "input grad": "native" if cin % 16 == 0 else "xla"}, forms
+  assert forms == expected_native_forms(cin, cout, k), forms
   rng = np.random.default_rng(0)
   x = rng.standard_normal((n, h, w, cin)).astype(np.float32)
   kernel = rng.standard_normal((k, k, cin, cout)).astype(np.float32)
@@ -177,9 +191,9 @@ def test_native_input_gradient_is_kept_for_wide_inputs():
   """With AVX-512's blocks, more than MAX_NATIVE_INPUT_GRAD_CHANNELS input channels: XLA's input gradient, native
   forward and weight grad; with AVX2's, native throughout."""
   forms = conv.cpu_forms((2, 28, 28, 1024), (3, 3, 1024, 512), (1, 1), ((1, 1), (1, 1)), (1, 1), jnp.float32)
-  wide_input_grad = "xla" if native.vector_lanes() == 16 else "native"
+  wide_input_grad = "xla" if native.vector_lanes() == 16 else "winograd"
   assert native.vector_lanes() in (8, 16)
-  assert forms == {"forward": "native", "input grad": wide_input_grad, "weight grad": "native"}
+  assert forms == {"forward": "winograd", "input grad": wide_input_grad, "weight grad": "native"}
   # Not for the native kernels: strides, bfloat16, output channels not in 16s, 1x1 kernels (GEMM).
   assert conv.cpu_forms((2, 28, 28, 64), (3, 3, 64, 64), (2, 2), ((1, 1), (1, 1)), (1, 1),
                         jnp.float32)["forward"] == "xla"
