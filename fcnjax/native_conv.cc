@@ -281,6 +281,15 @@ struct WinogradChunk {
   float* m;
 };
 
+// Tile `tile` (of all images, in raster order): its image and its first output row and column.
+struct TileOrigin {
+  int64_t b, oy, ox;
+};
+inline TileOrigin tile_origin(const TileAxis& ty, const TileAxis& tx, int64_t tile) {
+  int64_t per_image = ty.count() * tx.count();
+  return {tile / per_image, ty.base(tile % per_image / tx.count()), tx.base(tile % tx.count())};
+}
+
 // B^T d for 4 vectors d (the transform of one axis; applied to both axes).
 inline void input_transform(const vec (&d)[4], vec (&r)[4]) {
   r[0] = d[0] - d[2];
@@ -292,7 +301,6 @@ inline void input_transform(const vec (&d)[4], vec (&r)[4]) {
 // V of the chunk's tiles [lo, hi): each tile's 4x4 input patch (zeros outside the map), transformed.
 void winograd_input(const Geometry& g, const TileAxis& ty, const TileAxis& tx, const float* x, const float* zeros,
                     const WinogradChunk& c, int64_t lo, int64_t hi) {
-  int64_t per_image = ty.count() * tx.count();
   for (int64_t t = lo; t < hi; ++t) {
     float* v = c.v + t * g.cin;
     int64_t tile = c.t0 + t;
@@ -300,7 +308,7 @@ void winograd_input(const Geometry& g, const TileAxis& ty, const TileAxis& tx, c
       for (int64_t uv = 0; uv < kWinogradPositions; ++uv) std::memset(v + uv * c.rows * g.cin, 0, g.cin * 4);
       continue;
     }
-    int64_t b = tile / per_image, oy = ty.base(tile % per_image / tx.count()), ox = tx.base(tile % tx.count());
+    auto [b, oy, ox] = tile_origin(ty, tx, tile);
     const float* p[4][4];
     for (int u = 0; u < 4; ++u) {
       int64_t iy = oy - g.pad_top + u * g.dil_h;
@@ -370,10 +378,8 @@ inline void output_transform(const vec (&m)[4], vec (&y)[2]) {
 // y of the chunk's tiles [lo, hi): each tile's M transformed back to its 2x2 outputs (those inside the map).
 void winograd_output(const Geometry& g, const TileAxis& ty, const TileAxis& tx, const WinogradChunk& c, float* y,
                      int64_t lo, int64_t hi) {
-  int64_t per_image = ty.count() * tx.count();
   for (int64_t t = lo; t < std::min(hi, c.tiles); ++t) {
-    int64_t tile = c.t0 + t;
-    int64_t b = tile / per_image, oy = ty.base(tile % per_image / tx.count()), ox = tx.base(tile % tx.count());
+    auto [b, oy, ox] = tile_origin(ty, tx, c.t0 + t);
     float* out[2][2];
     for (int a = 0; a < 2; ++a)
       for (int e = 0; e < 2; ++e) {
@@ -644,17 +650,19 @@ static ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   Geometry g{xd[0], xd[1], xd[2], cin, kd[0], kd[1], cout, yd[1], yd[2], pad_top, pad_left, dil_h, dil_w};
   Scratch packed(kd[0] * kd[1] * cin * cout);
   pack_kernel(pool, kernel.typed_data(), kd[0], kd[1], cin, cout, flip != 0, packed.data());
-  // Input channels per pass: the weights that a pass of a block reads (kh x kw x cin_block x kBlockChannels) fill
-  // about panel_bytes, whatever the vector width (32 x 64 channels with AVX-512, 128 x 16 with AVX2 for 3x3).
   if (winograd_chunk_bytes > 0) {
     if (kd[0] != 3 || kd[1] != 3 || cin % kLanes)
       return ffi::Error::InvalidArgument("fcnjax ConvForward: Winograd needs a 3x3 kernel and input channels in "
                                          "whole vectors");
+    // Input channels per pass of the products: a block's U for them (cin_block x kBlockChannels) fills about
+    // panel_bytes.
     int64_t cin_block = std::max<int64_t>(8, panel_bytes / (kBlockChannels * sizeof(float)) / 8 * 8);
     winograd_forward(pool, g, x.typed_data(), packed.data(), y->typed_data(), cin_block, winograd_chunk_bytes,
                      winograd_local_kernel_bytes, winograd_local_chunk_bytes);
     return ffi::Error::Success();
   }
+  // Input channels per pass: the weights that a pass of a block reads (kh x kw x cin_block x kBlockChannels) fill
+  // about panel_bytes, whatever the vector width (32 x 64 channels with AVX-512, 128 x 16 with AVX2 for 3x3).
   int64_t cin_block = std::max<int64_t>(8, panel_bytes / (kd[0] * kd[1] * kBlockChannels * sizeof(float)) / 8 * 8);
   forward(pool, g, x.typed_data(), packed.data(), y->typed_data(), cin_block, pixels_per_task);
   return ffi::Error::Success();
