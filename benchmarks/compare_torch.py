@@ -10,7 +10,7 @@ Each model is timed twice, as a train step and as inference:
   F.cross_entropy and loss.backward() -- eager, and with --torch_compile also torch.compile(model).
 - inference: the model's forward pass in eval mode (fcnjax returns every head, as torchvision's fcn_resnet50 computes
   its aux head in eval mode too, so both do the same work).
-The references are fcnjax.torch_reference.fcn.FCN8s, fcnjax.torch_reference.unet.UNet (64..1024, BatchNorm,
+The references are tests.torch_reference.fcn.FCN8s, tests.torch_reference.unet.UNet (64..1024, BatchNorm,
 transposed-conv up-sampling) and torchvision.models.segmentation.fcn_resnet50(aux_loss=True). fcnjax gets the torch
 model's initial weights through the converters, and the two inference outputs are compared once ("parity"), which
 checks that the two networks really are the same one.
@@ -92,10 +92,10 @@ def torch_model(name: str, num_classes: int):
   compares more than zeros (FCN-8s' score layers start at zero)."""
   import torch  # pylint: disable=g-import-not-at-top
   if name == "fcn8s":
-    from fcnjax.torch_reference.fcn import FCN8s  # pylint: disable=g-import-not-at-top
+    from tests.torch_reference.fcn import FCN8s  # pylint: disable=g-import-not-at-top
     model = FCN8s(num_classes)
   elif name == "unet":
-    from fcnjax.torch_reference.unet import UNet  # pylint: disable=g-import-not-at-top
+    from tests.torch_reference.unet import UNet  # pylint: disable=g-import-not-at-top
     model = UNet(num_classes=num_classes)
   else:
     from torchvision.models.segmentation import fcn_resnet50  # pylint: disable=g-import-not-at-top
@@ -110,10 +110,10 @@ def torch_model(name: str, num_classes: int):
 
 def flax_variables_from_torch(name: str, model) -> dict:
   if name == "fcn8s":
-    from fcnjax.torch_reference.fcn import to_flax_variables  # pylint: disable=g-import-not-at-top
+    from tests.torch_reference.fcn import to_flax_variables  # pylint: disable=g-import-not-at-top
     return to_flax_variables(model)
   if name == "unet":
-    from fcnjax.torch_reference.unet import flax_variables  # pylint: disable=g-import-not-at-top
+    from tests.torch_reference.unet import flax_variables  # pylint: disable=g-import-not-at-top
     return flax_variables(model)
   from fcnjax.conversion.resnet import convert_fcn_resnet50  # pylint: disable=g-import-not-at-top
   state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
@@ -124,7 +124,7 @@ def fcnjax_model(name: str, num_classes: int, dtype: str):
   from fcnjax import models  # pylint: disable=g-import-not-at-top
   config = {"name": name, "num_classes": num_classes, "dtype": dtype}
   if name == "fcn8s":
-    config["variant"] = "paper"  # the reference nets' FCN-8s, as fcnjax.torch_reference.fcn
+    config["variant"] = "paper"  # the reference nets' FCN-8s, as tests.torch_reference.fcn
   return models.build_model(config)
 
 
@@ -324,8 +324,8 @@ def probe_torch_memory(args) -> None:
   threads = harness.pin_threads(args.threads)
   torch.set_num_threads(threads)
   # Import everything torch_model needs first, so that the baseline holds the libraries and not the model.
-  import fcnjax.torch_reference.fcn  # noqa: F401 pylint: disable=g-import-not-at-top,unused-import
-  import fcnjax.torch_reference.unet  # noqa: F401 pylint: disable=g-import-not-at-top,unused-import
+  import tests.torch_reference.fcn  # noqa: F401 pylint: disable=g-import-not-at-top,unused-import
+  import tests.torch_reference.unet  # noqa: F401 pylint: disable=g-import-not-at-top,unused-import
   import torchvision.models.segmentation  # noqa: F401 pylint: disable=g-import-not-at-top,unused-import
   images, masks = make_batch(args)
   baseline = harness.rss_bytes()

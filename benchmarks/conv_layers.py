@@ -1,10 +1,10 @@
-"""Each part of a convolution on this device, XLA's own against the form fcnjax.conv uses, per layer shape.
+"""Each part of a convolution on this device, XLA's own against the form fcnjax.ops.conv uses, per layer shape.
 
     python -m benchmarks.conv_layers [--batch 2] [--out runs/bench/conv_layers.json]
 
 For every case: the forward pass, the input gradient and the weight gradient, jitted and timed alone (median of
---repeats after a warm-up), as lax computes them and as fcnjax.conv does on CPU, through its own custom VJP, with
-the form `conv.cpu_forms` picks named: "native" (fcnjax.native's direct C++ kernels), "winograd" (its F(2x2, 3x3)
+--repeats after a warm-up), as lax computes them and as fcnjax.ops.conv does on CPU, through its own custom VJP, with
+the form `conv.cpu_forms` picks named: "native" (fcnjax.ops.native's direct C++ kernels), "winograd" (its F(2x2, 3x3)
 kernels), "gemm" (patches @ kernel, dy @ kernel^T + col2im), "strips" (the strip-wise weight gradient), "=" where
 fcnjax keeps XLA's. Each of our
 results is checked against XLA's. Shapes: the U-Net's 3x3 layers at 224x224 (64..1024 channels, a decoder's
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fcnjax import conv
+from fcnjax.ops import conv
 
 # (batch or 0 for --batch, size, in, out, kernel, stride, padding)
 CASES = [(0, 224, 3, 64, 3, 1, 1), (0, 224, 64, 64, 3, 1, 1), (0, 224, 128, 64, 3, 1, 1), (0, 112, 128, 128, 3, 1, 1),
@@ -44,7 +44,7 @@ def _median_ms(fn, *args, repeats: int) -> float:
 
 
 def _parts(x, kernel, strides, pads):
-  """{part: (XLA's function, fcnjax.conv's or None where it keeps XLA's, its arguments, the form it uses)}."""
+  """{part: (XLA's function, fcnjax.ops.conv's or None where it keeps XLA's, its arguments, the form it uses)}."""
   dilation = (1, 1)
 
   def forward(x, kernel):
@@ -75,7 +75,7 @@ def main():
   args = parser.parse_args()
   rng = np.random.default_rng(0)
   rows = []
-  print(f"{jax.devices()[0].device_kind}, float32; ms as XLA / fcnjax.conv and its form (= where fcnjax keeps "
+  print(f"{jax.devices()[0].device_kind}, float32; ms as XLA / fcnjax.ops.conv and its form (= where fcnjax keeps "
         "XLA's)")
   print("| batch | size | in -> out | kernel/stride | forward ms | input grad ms | weight grad ms | max rel. diff |")
   print("|---|---|---|---|---|---|---|---|")

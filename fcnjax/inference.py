@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcnjax import layers, steps
+from fcnjax import ops, steps
 
 
 def make_predict_fn(apply_fn: Callable) -> Callable:
@@ -41,10 +41,10 @@ def predict_whole(predict_fn, variables, image: np.ndarray, input_size: int | No
   h, w = image.shape[:2]
   batch = image[None]
   if input_size:
-    batch = np.asarray(layers.resize(jnp.asarray(batch), (input_size, input_size), "bilinear"))
+    batch = np.asarray(ops.resize(jnp.asarray(batch), (input_size, input_size), "bilinear"))
   logits = _with_flips(predict_fn, variables, batch, flip_tta)
   if logits.shape[1:3] != (h, w):
-    logits = np.asarray(layers.resize(jnp.asarray(logits), (h, w), "bilinear"))
+    logits = np.asarray(ops.resize(jnp.asarray(logits), (h, w), "bilinear"))
   return logits[0]
 
 

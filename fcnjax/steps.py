@@ -12,7 +12,7 @@ import ml_collections
 import optax
 from flax.training import train_state
 
-from fcnjax import layers, losses, metrics
+from fcnjax import losses, metrics, ops
 
 
 class TrainState(train_state.TrainState):
@@ -79,7 +79,7 @@ def eval_step(variables: dict, batch: dict, *, apply_fn: Callable, num_classes: 
   """
   logits = apply_fn(variables, batch["image"], train=False)["out"]
   canvas = batch["mask"].shape[1:3]
-  logits = layers.resize_bilinear_to_sizes(logits.astype(jnp.float32), batch["size"], canvas)
+  logits = ops.resize_bilinear_to_sizes(logits.astype(jnp.float32), batch["size"], canvas)
   predictions = metrics.predictions(logits)
   # Binary models are scored as two classes (background, foreground).
   return metrics.confusion_matrix(predictions, batch["mask"], max(num_classes, 2), ignore_index,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, subprocess_env
-from fcnjax import conv, native
+from fcnjax.ops import conv, native
 
 # (batch, height, width, in, out, kernel, stride, padding, dilation): U-Net/VGG 3x3, ResNet's 7x7/2 stem, 3x3/2
 # and 1x1/2 downsampling, 1x1 widening, dilated 3x3 (fcn_resnet50's layer3/4), fc6's 7x7 VALID, odd sizes, uneven

@@ -1,4 +1,4 @@
-"""fcnjax/layers.py against live PyTorch: every expected value below is computed by torch in the test.
+"""fcnjax.ops against live PyTorch: every expected value below is computed by torch in the test.
 
 Tolerance: these are small float32 ops on O(1) values; results agree within 1e-5 absolute (ATOL), and exactly where
 no arithmetic is involved (pooling, cropping, nearest resizing, small-integer worked examples).
@@ -13,9 +13,9 @@ import scipy.signal
 import torch  # noqa: E402  (a hard import: parity tests must run, never skip)
 F = torch.nn.functional
 
-from fcnjax.layers import (ConvTranspose, bilinear_upsample_init, center_crop, conv_output_size,  # noqa: E402
-                           conv_transpose, crop, max_pool, pad_or_crop_to, resize, resize_bilinear_to_sizes,
-                           torch_conv_transpose_weight_to_flax)
+from fcnjax.conversion.common import conv_transpose_kernel  # noqa: E402
+from fcnjax.ops import (ConvTranspose, bilinear_upsample_init, center_crop, conv_output_size,  # noqa: E402
+                        conv_transpose, crop, max_pool, pad_or_crop_to, resize, resize_bilinear_to_sizes)
 
 ATOL = 1e-5
 
@@ -105,7 +105,7 @@ def flax_conv_transpose(c):
 
 
 def flax_params(layer):
-  params = {"kernel": torch_conv_transpose_weight_to_flax(layer.weight.detach().numpy())}
+  params = {"kernel": conv_transpose_kernel(layer.weight.detach().numpy())}
   if layer.bias is not None:
     params["bias"] = layer.bias.detach().numpy()
   return {"params": params}
@@ -141,7 +141,7 @@ def test_conv_transpose_gradients_match_torch_autograd(case):
 
   grad_x, grad_vars = jax.jit(jax.grad(loss, argnums=(0, 1)))(nhwc(x), flax_params(layer))
   np.testing.assert_allclose(grad_x, nhwc(x.grad), rtol=0, atol=ATOL)
-  np.testing.assert_allclose(grad_vars["params"]["kernel"], torch_conv_transpose_weight_to_flax(layer.weight.grad),
+  np.testing.assert_allclose(grad_vars["params"]["kernel"], conv_transpose_kernel(layer.weight.grad),
                              rtol=0, atol=ATOL)
   if case["bias"]:
     np.testing.assert_allclose(grad_vars["params"]["bias"], layer.bias.grad.numpy(), rtol=0, atol=ATOL)
@@ -203,7 +203,7 @@ def get_upsampling_weight(in_channels, out_channels, kernel_size):
 @pytest.mark.parametrize("kernel_size", [1, 2, 3, 4, 5, 16, 32])
 def test_bilinear_init_equals_fcn_reference(kernel_size):
   ours = bilinear_upsample_init(jax.random.PRNGKey(0), (kernel_size, kernel_size, 3, 3))
-  reference = torch_conv_transpose_weight_to_flax(get_upsampling_weight(3, 3, kernel_size))
+  reference = conv_transpose_kernel(get_upsampling_weight(3, 3, kernel_size))
   assert ours.dtype == jnp.float32
   np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-7)
   with pytest.raises(ValueError, match="as many input as output"):

@@ -18,7 +18,7 @@ from fcnjax.models.resnet import resnet50  # noqa: E402
 from fcnjax.models.unet import unet  # noqa: E402
 from fcnjax.models.vgg import vgg16  # noqa: E402
 from fcnjax.pretrained import load_variables, merge_pretrained, report_summary, save_variables  # noqa: E402
-from fcnjax.torch_reference.unet import UNet as TorchUNet, flax_variables  # noqa: E402
+from torch_reference.unet import UNet as TorchUNet, flax_variables  # noqa: E402
 
 CLI = REPO_ROOT / "conversions" / "convert_torchvision.py"
 

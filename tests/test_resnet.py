@@ -202,7 +202,7 @@ def test_fcn_resnet50_train_step_gradients_and_batch_stats(torch_fcn, fcn_variab
     torch_mean = torch_after[f"{torch_name}.running_mean"].numpy()
     torch_var = torch_after[f"{torch_name}.running_var"].numpy()
     assert not np.allclose(new_mean, old_mean) and not np.allclose(new_var, old_var), f"{path}: stats unchanged"
-    # fcnjax.layers.BatchNorm folds the batch's unbiased variance into running_var, as torch does.
+    # fcnjax.ops.BatchNorm folds the batch's unbiased variance into running_var, as torch does.
     del n
     assert_close(new_mean - 0.9 * old_mean, torch_mean - 0.9 * old_mean, f"{path} running mean update")
     assert_close(new_var - 0.9 * old_var, torch_var - 0.9 * old_var, f"{path} running var update")

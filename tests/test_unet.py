@@ -1,4 +1,4 @@
-"""U-Net: parity with the PyTorch twin (fcnjax/torch_reference/unet.py), shapes at any size, gradients.
+"""U-Net: parity with the PyTorch twin (tests/torch_reference/unet.py), shapes at any size, gradients.
 
 Small networks (base_width 8, depth 3) keep this fast. Tolerance: float32 outputs agree within 1e-5 times the
 output's scale (max |torch|, at least 1); measured: <= 1e-7 in eval mode (outputs ~0.3), <= 2e-6 in train mode
@@ -16,7 +16,7 @@ import torch  # noqa: E402  (a hard import: parity tests must run, never skip)
 
 from fcnjax.models import build_model  # noqa: E402
 from fcnjax.models.unet import unet  # noqa: E402
-from fcnjax.torch_reference.unet import UNet as TorchUNet, flax_variables  # noqa: E402
+from torch_reference.unet import UNet as TorchUNet, flax_variables  # noqa: E402
 
 BASE, DEPTH, CLASSES = 8, 3, 3
 EVEN, ODD = (32, 40), (29, 23)
@@ -81,7 +81,7 @@ def test_train_mode_matches_torch(upsampling, size):
   new_stats = flax.traverse_util.flatten_dict(jax.device_get(updates["batch_stats"]))
   assert set(new_stats) == set(torch_stats)
   for path, value in new_stats.items():
-    # fcnjax.layers.BatchNorm updates running_var with the unbiased batch variance, as torch does.
+    # fcnjax.ops.BatchNorm updates running_var with the unbiased batch variance, as torch does.
     np.testing.assert_allclose(value, torch_stats[path], rtol=1e-4, atol=1e-5, err_msg=str(path))
 
 

@@ -1,4 +1,4 @@
-"""VGG16 and FCN-32s/16s/8s against PyTorch: torchvision's vgg16 and the FCN-8s reference in fcnjax/torch_reference.
+"""VGG16 and FCN-32s/16s/8s against PyTorch: torchvision's vgg16 and the FCN-8s reference in tests/torch_reference.
 
 Tolerance everywhere: max|ours - reference| <= 1e-4 * max|reference| (float32 on CPU; the frameworks sum in
 different orders over up to 25088 terms per output; measured ~1e-6). Weights are random (no downloads):
@@ -23,7 +23,7 @@ from fcnjax.conversion.common import ConversionError  # noqa: E402
 from fcnjax.conversion.vgg import convert_vgg16  # noqa: E402
 from fcnjax.models import build_model  # noqa: E402
 from fcnjax.models.vgg import VGG16Features  # noqa: E402
-from fcnjax.torch_reference import fcn as torch_fcn  # noqa: E402
+from torch_reference import fcn as torch_fcn  # noqa: E402
 
 RTOL = 1e-4
 NUM_CLASSES = 21

@@ -60,3 +60,8 @@ def conv_kernel(weight: np.ndarray) -> np.ndarray:
 
 def is_num_batches_tracked(key: str) -> bool:
   return key.endswith("num_batches_tracked")
+
+
+def conv_transpose_kernel(weight: np.ndarray) -> np.ndarray:
+  """torch ConvTranspose2d weight (in, out/groups, kh, kw) -> our kernel layout (kh, kw, in, out/groups)."""
+  return np.transpose(np.asarray(weight), (2, 3, 0, 1))

@@ -48,7 +48,7 @@ def vgg16_features_params(state_dict: Mapping[str, Any], prefix: str = "features
   """Params of VGG16Features from a torch nn.Sequential numbered like torchvision's vgg16.features.
 
   Shared by convert_vgg16 and by anything else laid out the same way (the PyTorch FCN reference in
-  fcnjax/torch_reference/fcn.py). Keys are not checked here; callers check them first.
+  tests/torch_reference/fcn.py). Keys are not checked here; callers check them first.
   """
   return {name: conv_params(state_dict, f"{prefix}{index}.")
           for index, (name, _, _) in vgg16_feature_layers().items()}

@@ -55,8 +55,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fcnjax.conv import Conv
-from fcnjax.layers import ConvTranspose, bilinear_upsample_init, crop, resize
+from fcnjax.ops import Conv
+from fcnjax.ops import ConvTranspose, bilinear_upsample_init, crop, resize
 from fcnjax.models.vgg import VGG16Features, conv_init, fc6_fc7
 
 Array = jax.Array

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fcnjax.layers import resize
+from fcnjax.ops import resize
 from fcnjax.models.resnet import ResNet50Trunk, batch_norm, conv
 
 Array = jax.Array

@@ -13,8 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fcnjax.conv import Conv
-from fcnjax.layers import BatchNorm, max_pool
+from fcnjax.ops import Conv
+from fcnjax.ops import BatchNorm, max_pool
 
 Array = jax.Array
 
@@ -24,7 +24,7 @@ EXPANSION = 4
 
 
 def batch_norm(train: bool, dtype: Any, name: str) -> BatchNorm:
-  # torchvision's BatchNorm2d defaults: momentum 0.1, eps 1e-5 (fcnjax.layers.BatchNorm keeps torch's statistics).
+  # torchvision's BatchNorm2d defaults: momentum 0.1, eps 1e-5 (fcnjax.ops.BatchNorm keeps torch's statistics).
   return BatchNorm(use_running_average=not train, momentum=0.1, epsilon=1e-5, dtype=dtype, name=name)
 
 

@@ -3,7 +3,7 @@
 Layout and names follow milesial/Pytorch-UNet, the common PyTorch U-Net: `inc` (a DoubleConv at full resolution),
 `down1..downD` (2x2 max-pool then DoubleConv, widths base_width * 2**i), `up1..upD` (up-sample, align with the skip,
 concatenate [skip, up], DoubleConv) and `outc` (1x1 conv to num_classes). With the defaults the widths are the
-paper's 64, 128, 256, 512, 1024. fcnjax/torch_reference/unet.py is the same network in PyTorch, for parity tests.
+paper's 64, 128, 256, 512, 1024. tests/torch_reference/unet.py is the same network in PyTorch, for parity tests.
 
 Choices that differ from the paper or from milesial, and why:
 - 3x3 convs pad by 1 (the paper's are unpadded, which shrinks the output and needs overlap-tile inference), convs
@@ -30,8 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fcnjax.conv import Conv
-from fcnjax.layers import BatchNorm, ConvTranspose, max_pool, pad_or_crop_to, resize
+from fcnjax.ops import Conv
+from fcnjax.ops import BatchNorm, ConvTranspose, max_pool, pad_or_crop_to, resize
 
 Array = jax.Array
 
@@ -48,7 +48,7 @@ class DoubleConv(nn.Module):
     for i in (1, 2):
       x = Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
                param_dtype=jnp.float32, name=f"conv{i}")(x)
-      # PyTorch's BatchNorm2d defaults and statistics (fcnjax.layers.BatchNorm).
+      # PyTorch's BatchNorm2d defaults and statistics (fcnjax.ops.BatchNorm).
       x = BatchNorm(use_running_average=not train, momentum=0.1, epsilon=1e-5, dtype=self.dtype, name=f"bn{i}")(x)
       x = nn.relu(x)
     return x

@@ -16,8 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fcnjax.conv import Conv
-from fcnjax.layers import max_pool
+from fcnjax.ops import Conv
+from fcnjax.ops import max_pool
 
 Array = jax.Array
 

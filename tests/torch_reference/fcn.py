@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fcnjax.conversion.vgg import conv_params, vgg16_features_params
-from fcnjax.layers import torch_conv_transpose_weight_to_flax
+from fcnjax.conversion.common import conv_transpose_kernel
 
 # torchvision's cfgs["D"]: channels of each 3x3 conv, "M" for a 2x2 max-pool.
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -94,5 +94,5 @@ def to_flax_variables(model: FCN8s) -> dict[str, Any]:
   for name in ("fc6", "fc7", "score_fr", "score_pool4", "score_pool3"):
     params[name] = conv_params(state, f"{name}.")
   for name in ("upscore2", "upscore_pool4", "upscore8"):
-    params[name] = {"kernel": torch_conv_transpose_weight_to_flax(state[f"{name}.weight"])}
+    params[name] = {"kernel": conv_transpose_kernel(state[f"{name}.weight"])}
   return {"params": params}

@@ -1,7 +1,7 @@
 """The taps of a sliding window over an NHWC map, and their adjoint.
 
 A k x k window with strides s and dilation d visits, for its tap (i, j), the strided slice of the padded input that
-starts at (i * d, j * d). Convolutions (fcnjax.conv) and max pooling (fcnjax.layers.max_pool) are written here as
+starts at (i * d, j * d). Convolutions (fcnjax.ops.conv) and max pooling (fcnjax.ops.pooling) are written here as
 sums or maxima over those slices (`taps`); their input gradients put each tap's share back where the slice came from
 (`fold`: per tap a zero-padding with interior padding, the transpose of the strided slice, summed, then the
 input's padding cut off).
@@ -15,6 +15,17 @@ import jax.numpy as jnp
 from jax import lax
 
 Array = jax.Array
+PairLike = int | Sequence[int]
+
+
+def pair(value: PairLike) -> tuple[int, int]:
+  """(value, value) for an int, else the value as a tuple of two ints (PyTorch's _pair)."""
+  if isinstance(value, int):
+    return (value, value)
+  value = tuple(int(v) for v in value)
+  if len(value) != 2:
+    raise ValueError(f"expected an int or a pair, got {value}")
+  return value
 
 
 def pad_hw(x: Array, pads: Sequence[tuple[int, int]], value=0) -> Array:

@@ -5,7 +5,7 @@ On this project's 2-core Xeon (docs/performance.md, benchmarks/conv_layers.py), 
 gradient (3-9x the forward's time), and ran convolutions with few output pixels and many channels (fc6/fc7, 1x1
 layers, a 14x14 bottleneck) at a fifth to two thirds of its GEMM speed. So, on CPU only:
 - stride-1 float32 convolutions with kernels larger than 1x1 and output channels in multiples of 16 (every 3x3 layer
-  of our models): fcnjax's own C++ kernels (fcnjax.native, `by_native`) for the forward pass, the input gradient
+  of our models): fcnjax's own C++ kernels (fcnjax.ops.native, `by_native`) for the forward pass, the input gradient
   (the forward kernel on dy with the flipped kernel) and the weight gradient; where the forward pass or the input
   gradient is a 3x3 convolution from 32 or more channels (in 16s), by Winograd's F(2x2, 3x3) (`native.winograd`),
   1.5-2.2x faster than the direct kernel on the EPYC's 64-2048-channel layers (benchmarks/conv_layers.py);
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fcnjax import native, windows
+from fcnjax.ops import native, windows
 
 Array = jax.Array
 NHWC = ("NHWC", "HWIO", "NHWC")

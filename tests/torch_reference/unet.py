@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fcnjax.layers import torch_conv_transpose_weight_to_flax
+from fcnjax.conversion.common import conv_transpose_kernel
 
 
 class DoubleConv(nn.Module):
@@ -28,7 +28,7 @@ class DoubleConv(nn.Module):
 
 
 def pad_or_crop_to(x: torch.Tensor, size) -> torch.Tensor:
-  """fcnjax.layers.pad_or_crop_to on NCHW: centre-crop or zero-pad, the odd pixel at the bottom/right."""
+  """fcnjax.ops.pad_or_crop_to on NCHW: centre-crop or zero-pad, the odd pixel at the bottom/right."""
   h, w = size
   dh, dw = h - x.shape[2], w - x.shape[3]
   top, left = max(-dh, 0) // 2, max(-dw, 0) // 2
@@ -94,7 +94,7 @@ def flax_variables(model: nn.Module) -> dict:
 
   for name, module in model.named_modules():
     if isinstance(module, nn.ConvTranspose2d):
-      put(params, name, "kernel", torch_conv_transpose_weight_to_flax(module.weight.detach().numpy()))
+      put(params, name, "kernel", conv_transpose_kernel(module.weight.detach().numpy()))
     elif isinstance(module, nn.Conv2d):
       put(params, name, "kernel", module.weight.permute(2, 3, 1, 0))
     elif isinstance(module, nn.BatchNorm2d):
