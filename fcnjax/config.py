@@ -10,6 +10,8 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
   """`model` holds 'name', 'num_classes' and the model's own options (see fcnjax.models)."""
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # fcnjax's C++ convolution kernels on CPU (fcnjax/ops/README.md); False keeps XLA's own convolutions.
+  config.native_kernels = True
   config.model = ml_collections.ConfigDict(
       dict(dtype="float32",            # compute dtype: 'bfloat16' for mixed precision (params stay float32)
            pretrained="",              # directory written by conversions/convert_torchvision.py (or a run's export)

@@ -34,13 +34,6 @@ def initialize_distributed() -> None:
                jax.local_device_count(), jax.device_count())
 
 
-def quiet_logging() -> None:
-  """Orbax and JAX log every checkpoint step at INFO; keep the console to the progress bar unless --verbosity."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-
-
 def make_mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
 

@@ -1,329 +1,38 @@
-"""Training: `python -m fcnjax.train --config experiments/quickstart.py --workdir runs/quickstart`.
+"""`python -m fcnjax.train --config experiments/quickstart.py [--workdir runs/quickstart]`.
 
-Data flows one way: config -> data -> model -> jitted steps -> this loop -> checkpoints and metrics. The same
-command resumes from the latest checkpoint in --workdir, and runs data-parallel over every device of every process.
+Trains, or resumes, the run in --workdir (fcnjax.training.train_and_evaluate) over every device of every process.
 """
 from __future__ import annotations
 
-import functools
 import json
-import os
-import signal
-import time
-from typing import Any
 
 import jax
-import ml_collections
-import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from fcnjax import checkpoint, data, metrics, models, optim, parallel, reporting, steps
+from fcnjax import cli, parallel, training
 
+config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and predictions; the same workdir resumes. "
+                    "Default: runs/<config file name>.")
+flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
-
-def define_flags() -> None:
-  """The command line of `python -m fcnjax.train`. Defined only for that entry point, so that other entry points
-  (fcnjax.evaluate, which has a --config of its own) can import this module."""
-  config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py).", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and predictions; the same workdir "
-                      "resumes. Default: runs/<config file name>.")
-  flags.mark_flags_as_required(["config"])
-
-
-class NonFiniteLossError(FloatingPointError):
-  """The loss or gradients became NaN/Inf; the last good checkpoint is left untouched."""
-
-
-class OutOfDeviceMemoryError(RuntimeError):
-  """XLA could not allocate device memory (RESOURCE_EXHAUSTED); the message says which settings to lower."""
-
-
-def _explain_out_of_memory(train_fn):
-  """XLA's RESOURCE_EXHAUSTED names a byte count, not a setting: say which settings of the run to lower."""
-
-  @functools.wraps(train_fn)
-  def wrapper(config: ml_collections.ConfigDict, workdir: str):
-    try:
-      return train_fn(config, workdir)
-    except RuntimeError as e:  # jax.errors.JaxRuntimeError (XlaRuntimeError in older jax) is a RuntimeError
-      if "RESOURCE_EXHAUSTED" not in str(e):
-        raise
-      per_device = config.train.batch_size / jax.device_count()
-      raise OutOfDeviceMemoryError(
-          f"out of device memory running {config.model.name} with train.batch_size={config.train.batch_size} "
-          f"({per_device:g} per device on {jax.device_count()} devices), model.dtype={config.model.dtype}, "
-          f"eval.batch_size={config.eval.batch_size}. Try a smaller --config.train.batch_size (or "
-          "--config.eval.batch_size if it failed while evaluating), or --config.model.dtype=bfloat16 for "
-          "mixed precision; benchmarks/memory.py --budget_gb=<GB> finds the largest batch that fits. "
-          f"XLA said: {str(e).splitlines()[0][:300]}") from e
-
-  return wrapper
-
-
-class _StopRequest:
-  """Set by SIGTERM / SIGINT so the loop can save a checkpoint at a step boundary before exiting."""
-
-  def __init__(self):
-    self.signal_name = None
-
-  def __call__(self, signum, frame):
-    del frame
-    if self.signal_name is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt  # A second Ctrl-C stops at once.
-    self.signal_name = signal.Signals(signum).name
-
-  def install(self):
-    previous = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
-    return lambda: [signal.signal(s, h) for s, h in previous.items()]
-
-
-BINARY_LOSSES = ("bce", "bce+dice", "dice")
-MULTICLASS_LOSSES = ("cross_entropy", "ce+dice", "dice")
-
-
-def check_config(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> None:
-  """Refuses a model head or loss that does not fit the data before anything is compiled."""
-  expected = 1 if info.binary else info.num_classes
-  if config.model.num_classes != expected:
-    raise ValueError(f"model.num_classes={config.model.num_classes} but the data has {info.num_classes} classes "
-                     f"({'binary: use 1 output with a sigmoid loss' if info.binary else ', '.join(info.class_names)})")
-  allowed = BINARY_LOSSES if info.binary else MULTICLASS_LOSSES
-  if config.loss.name not in allowed:
-    raise ValueError(f"loss.name={config.loss.name!r} does not fit {'binary' if info.binary else 'multi-class'} "
-                     f"data; use one of {allowed}")
-
-
-def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
-  if config.train.num_steps:
-    return int(config.train.num_steps)
-  return int(config.train.num_epochs * steps_per_epoch)
-
-
-def initial_variables(config: ml_collections.ConfigDict, model, rng: jax.Array, image_shape) -> dict:
-  variables = steps.init_variables(model, rng, image_shape)
-  if config.model.pretrained:
-    from fcnjax import pretrained  # pylint: disable=g-import-not-at-top
-    loaded = pretrained.load_variables(config.model.pretrained)
-    variables, report = pretrained.merge_pretrained(variables, loaded, scope=config.model.pretrained_scope)
-    logging.info("pretrained %s: %d arrays loaded, %d left at init, %d unused", config.model.pretrained,
-                 len(report["loaded"]), len(report["left_at_init"]), len(report["unused"]))
-  return variables
-
-
-def evaluate(state_or_variables, eval_data, eval_step, batch_sharding, num_classes: int) -> np.ndarray:
-  """Accumulates the confusion matrix over the whole eval set (on device), returns it on the host."""
-  confusion = None
-  for batch in eval_data:
-    batch_confusion = eval_step(state_or_variables, parallel.to_global(batch, batch_sharding))
-    confusion = batch_confusion if confusion is None else confusion + batch_confusion
-  if confusion is None:
-    return np.zeros((num_classes, num_classes), np.int64)
-  return np.asarray(jax.device_get(confusion), np.int64)
-
-
-def _mean_metrics(history: list[dict]) -> dict:
-  fetched = jax.device_get(history)
-  return {k: float(np.mean([h[k] for h in fetched])) for k in fetched[0] if k != "finite"}
-
-
-@_explain_out_of_memory
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) the run in `workdir`; returns the final evaluation summary."""
-  os.makedirs(workdir, exist_ok=True)
-  is_main = jax.process_index() == 0
-  mesh = parallel.make_mesh()
-  batch_sharding, replicated = parallel.batch_sharded(mesh), parallel.replicated(mesh)
-  parallel.check_batch_size(config.train.batch_size)
-  parallel.check_batch_size(config.eval.batch_size, "eval.batch_size")
-
-  info = data.dataset_info(config.data)
-  check_config(config, info)
-  num_scored_classes = max(info.num_classes, 2)
-  train_data = data.build_train_data(config.data, batch_size=config.train.batch_size, seed=config.seed,
-                                     process_index=jax.process_index(), process_count=jax.process_count())
-  eval_data = data.build_eval_data(config.data, split="validation", batch_size=config.eval.batch_size,
-                                   process_index=jax.process_index(), process_count=jax.process_count())
-  total_steps = total_train_steps(config, train_data.steps_per_epoch)
-  eval_every = config.train.eval_every or train_data.steps_per_epoch
-  checkpoint_every = config.train.checkpoint_every or eval_every
-
-  model = models.build_model(config.model)
-  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  example_batch = next(iter(train_data.iterator(0)))
-  variables = initial_variables(config, model, init_rng, example_batch["image"].shape[1:])
-  learning_rate_fn = optim.learning_rate_schedule(config.optim, total_steps)
-  tx = optim.make_optimizer(config.optim, total_steps, variables["params"])
-  # Placing the state on every device checks that all processes hold the same one: the run's first collective.
-  parallel.wait_for_all_processes("initialised")
-  state = parallel.replicate(steps.create_train_state(model, tx, variables, state_rng), mesh)
-
-  record = checkpoint.model_record(config)
-  ckpts = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints, keep_best=config.train.keep_best,
-                                 writable=True)
-  if ckpts.latest_step() is not None:
-    state = ckpts.restore(state, record)
-  start_step = int(jax.device_get(state.step))
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-
-  train_step = jax.jit(
-      functools.partial(steps.train_step, loss_config=config.loss, learning_rate_fn=learning_rate_fn,
-                        skip_nonfinite=config.train.on_nonfinite == "skip"),
-      in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated), donate_argnums=0)
-  eval_step = jax.jit(
-      lambda state, batch: steps.eval_step(steps.model_variables(state.params, state.batch_stats), batch,
-                                           apply_fn=model.apply, num_classes=num_scored_classes,
-                                           ignore_index=info.ignore_index),
-      in_shardings=(replicated, batch_sharding), out_shardings=replicated)
-  compile_ahead(state, example_batch, eval_data, train_step, eval_step, batch_sharding)
-  parallel.wait_for_all_processes("compiled")  # the first train step's all-reduce spans every device
-
-  writer = reporting.MetricWriter(workdir, enabled=is_main)
-  stop = _StopRequest()
-  restore_signals = stop.install()
-  summary: dict[str, Any] = {}
-  history: list[dict] = []
-  skipped_steps = 0
-  progress = _progress_bar(config, total_steps, start_step, enabled=is_main)
-  logging.info("training %s from step %d to %d (%d per epoch), %d devices", config.model.name, start_step,
-               total_steps, train_data.steps_per_epoch, jax.device_count())
-  try:
-    batches = train_data.iterator(start_step)
-    tick, tick_step = time.perf_counter(), start_step
-    pending = None  # metrics of the step before, read after the next step is dispatched (keeps the device busy)
-    end_step = total_steps
-    if config.train.max_steps_per_run:
-      end_step = min(total_steps, start_step + config.train.max_steps_per_run)
-    for step in range(start_step, end_step):
-      state, step_metrics = train_step(state, parallel.to_global(next(batches), batch_sharding))
-      if pending is not None:
-        skipped_steps += _check_finite(*pending, config.train.on_nonfinite)
-      pending = (step, step_metrics)
-      history.append(step_metrics)
-      done = step + 1
-      if done % config.train.log_every == 0 or done == total_steps:
-        skipped_steps += _check_finite(*pending, config.train.on_nonfinite)
-        pending = None
-        train_metrics = _mean_metrics(history)
-        history = []
-        elapsed = time.perf_counter() - tick
-        train_metrics["images_per_second"] = (done - tick_step) * config.train.batch_size / max(elapsed, 1e-9)
-        train_metrics["skipped_steps"] = skipped_steps
-        train_metrics["skipped_files"] = len(getattr(train_data, "skipped_files", ()))
-        writer.write("train", done, train_metrics)
-        progress.set_postfix(loss=f"{train_metrics['loss']:.4f}",
-                             img_s=f"{train_metrics['images_per_second']:.1f}", refresh=False)
-        tick, tick_step = time.perf_counter(), done
-      progress.update(1)
-      if done % eval_every == 0 or done == total_steps:
-        if pending is not None:
-          skipped_steps += _check_finite(*pending, config.train.on_nonfinite)
-          pending = None
-        confusion = evaluate(state, eval_data, eval_step, batch_sharding, num_scored_classes)
-        summary = metrics.summarize(confusion, info.class_names if info.num_classes > 1 else None)
-        writer.write("eval", done, {k: v for k, v in summary.items() if not isinstance(v, str)})
-        progress.write(f"step {done}: mIoU {summary['miou']:.4f}  pixel accuracy {summary['pixel_accuracy']:.4f}"
-                       f"  mean Dice {summary['mean_dice']:.4f}")
-        ckpts.save_best(done, state, record, summary["miou"])
-      if done % checkpoint_every == 0 or done == total_steps:
-        if pending is not None:
-          skipped_steps += _check_finite(*pending, config.train.on_nonfinite)
-          pending = None
-        ckpts.save(done, state, record)
-      paused = done == end_step < total_steps
-      signal_name = _agreed_signal(stop.signal_name)
-      if signal_name is not None or paused:
-        if pending is not None:
-          skipped_steps += _check_finite(*pending, config.train.on_nonfinite)
-        ckpts.save(done, state, record, force=True)
-        ckpts.wait()
-        reason = signal_name or "train.max_steps_per_run"
-        progress.write(f"{reason}: saved a checkpoint at step {done} in {workdir}; run the same command to resume")
-        summary = {"interrupted_at": done, "signal": reason, **summary}
-        break
-  finally:
-    progress.close()
-    ckpts.wait()
-    ckpts.close()
-    writer.close()
-    restore_signals()
-  if is_main and "interrupted_at" not in summary:
-    _finish(config, workdir, state, eval_data, info)
-  return summary
-
-
-def compile_ahead(state, example_batch: dict, eval_data, train_step, eval_step, batch_sharding) -> None:
-  """Compiles the train and eval steps for these shapes now; their first calls then reuse the executables.
-
-  A host that compiles more slowly than its peers then waits at the barrier after this, not in its first
-  collective (see parallel.wait_for_all_processes); one process gets the compile time in its log.
-  """
-  start = time.perf_counter()
-  train_step.lower(state, parallel.global_shapes(example_batch, batch_sharding)).compile()
-  example_eval_batch = next(iter(eval_data), None)
-  if example_eval_batch is not None:
-    eval_step.lower(state, parallel.global_shapes(example_eval_batch, batch_sharding)).compile()
-  logging.info("train and eval steps compiled in %.1f s", time.perf_counter() - start)
-
-
-def _agreed_signal(signal_name: str | None) -> str | None:
-  """The stop signal of any process, on every process: a signal may reach only some of them (one preempted host),
-  and a process that stopped alone would leave the others waiting in the next step's collectives for ever."""
-  number = parallel.max_over_processes(signal.Signals[signal_name].value if signal_name else 0)
-  return signal.Signals(number).name if number else None
-
-
-def _check_finite(step: int, step_metrics: dict, on_nonfinite: str) -> int:
-  """Returns 1 for a skipped non-finite step; raises before anything non-finite can be checkpointed."""
-  if bool(jax.device_get(step_metrics["finite"])):
-    return 0
-  loss = float(jax.device_get(step_metrics["loss"]))
-  if on_nonfinite == "skip":
-    logging.warning("step %d: non-finite loss/gradients (loss=%s); step skipped", step + 1, loss)
-    return 1
-  raise NonFiniteLossError(
-      f"step {step + 1}: loss is {loss} (or a gradient is NaN/Inf); stopped without saving, the last good checkpoint "
-      "is kept. Lower optim.learning_rate, set optim.grad_clip_norm, or --config.train.on_nonfinite=skip.")
-
-
-def _progress_bar(config, total_steps: int, start_step: int, enabled: bool):
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, smoothing=0.1,
-              disable=not (enabled and config.train.progress), desc=config.model.name)
-
-
-def _finish(config, workdir: str, state, eval_data, info) -> None:
-  """Training curves and, where the config asks for them, prediction PNGs of validation images."""
-  from fcnjax import plots, predict  # pylint: disable=g-import-not-at-top
-  plots.plot_training_curves(workdir)
-  if config.train.num_predictions:
-    variables = steps.model_variables(jax.device_get(state.params), jax.device_get(state.batch_stats))
-    predict.write_validation_predictions(config, variables, os.path.join(workdir, "predictions"),
-                                         config.train.num_predictions)
-
-
-def default_workdir(config_path: str) -> str:
-  name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
-  return os.path.join("runs", name)
+EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130}
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  parallel.quiet_logging()
-  workdir = FLAGS.workdir or default_workdir(flags.FLAGS["config"].config_filename)
+  cli.log_warnings_only_by_default()
+  workdir = FLAGS.workdir or cli.default_workdir(FLAGS["config"].config_filename)
   parallel.initialize_distributed()
-  summary = train_and_evaluate(FLAGS.config, workdir)
+  summary = training.train_and_evaluate(FLAGS.config, workdir)
   if jax.process_index() == 0:
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, list)}, indent=2))
-  exit_codes = {"SIGTERM": 143, "SIGINT": 130}
-  if summary.get("signal") in exit_codes:
-    raise SystemExit(exit_codes[summary["signal"]])
+  if summary.get("signal") in EXIT_CODES:
+    raise SystemExit(EXIT_CODES[summary["signal"]])
 
 
 if __name__ == "__main__":
-  define_flags()
   app.run(main)

@@ -1,7 +1,10 @@
-"""Colour masks, overlays and image | prediction | ground truth panels, as PNG-ready uint8 arrays."""
+"""Colour masks, overlays and image | prediction | ground truth panels, as uint8 arrays and PNG files."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
+from PIL import Image
 
 
 def palette(num_colors: int = 256) -> np.ndarray:
@@ -43,3 +46,15 @@ def side_by_side(image: np.ndarray, prediction: np.ndarray, ground_truth: np.nda
   for panel in panels[1:]:
     out += [spacer, panel]
   return np.concatenate(out, axis=1)
+
+
+def write_prediction(out_dir: str, name: str, image: np.ndarray, prediction: np.ndarray,
+                     ground_truth: np.ndarray | None, ignore_index: int) -> None:
+  """NAME_mask.png (class ids, palette PNG), NAME_overlay.png and NAME_panel.png in `out_dir`."""
+  os.makedirs(out_dir, exist_ok=True)
+  mask_png = Image.fromarray(prediction, mode="P")
+  mask_png.putpalette(palette().reshape(-1).tolist())
+  mask_png.save(os.path.join(out_dir, f"{name}_mask.png"))
+  Image.fromarray(overlay(image, prediction)).save(os.path.join(out_dir, f"{name}_overlay.png"))
+  Image.fromarray(side_by_side(image, prediction, ground_truth, ignore_index)).save(
+      os.path.join(out_dir, f"{name}_panel.png"))

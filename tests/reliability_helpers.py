@@ -68,7 +68,7 @@ def train_command(workdir, *overrides: str, inject: str | None = None) -> list[s
   if inject is None:
     return [sys.executable, "-m", "fcnjax.train", *args]
   script = ("import sys, reliability_helpers as h; h.install_fault(sys.argv.pop(1)); "
-            "from absl import app; from fcnjax import train; train.define_flags(); app.run(train.main)")
+            "from absl import app; from fcnjax import train; app.run(train.main)")
   return [sys.executable, "-c", script, inject, *args]
 
 

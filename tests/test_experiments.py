@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
-from fcnjax import reporting, train
+from fcnjax import reporting, training
 
 
 def train_losses(workdir):
@@ -47,6 +47,6 @@ def test_experiment_config_runs_one_step(path, tmp_path):
   config.train.progress = False
   config.train.num_predictions = 0
   config.eval.batch_size = 2
-  summary = train.train_and_evaluate(config, str(tmp_path))
+  summary = training.train_and_evaluate(config, str(tmp_path))
   assert 0.0 <= summary["miou"] <= 1.0
   assert np.isfinite(train_losses(tmp_path)[1])

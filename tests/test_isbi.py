@@ -12,7 +12,7 @@ from scipy import ndimage
 from skimage.measure import label
 
 from conftest import REPO_ROOT, subprocess_env
-from fcnjax import reporting, train
+from fcnjax import reporting, training
 from fcnjax.data import elastic, transforms, weight_map
 
 
@@ -220,7 +220,7 @@ def isbi_run(isbi_crops, tmp_path_factory):
   config.train.progress = False
   config.eval.batch_size = 1
   workdir = tmp_path_factory.mktemp("isbi_run")
-  train.train_and_evaluate(config, str(workdir))
+  training.train_and_evaluate(config, str(workdir))
   return config, workdir
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import reliability_helpers as h
-from fcnjax import steps, train
+from fcnjax import steps, training
 
 TINY_UNET = ("--models=unet", "--image_size=16", "--set=model.base_width=2", "--set=model.depth=1")
 XLA_OOM = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123456789 bytes."
@@ -81,8 +81,8 @@ def test_out_of_memory_names_the_settings_to_lower(tmp_path, monkeypatch):
     raise jax.errors.JaxRuntimeError(XLA_OOM)
 
   monkeypatch.setattr(steps, "init_variables", exhausted)
-  with pytest.raises(train.OutOfDeviceMemoryError) as error:
-    train.train_and_evaluate(h.get_config(), str(tmp_path / "oom"))
+  with pytest.raises(training.OutOfDeviceMemoryError) as error:
+    training.train_and_evaluate(h.get_config(), str(tmp_path / "oom"))
   message = str(error.value)
   for text in ("--config.train.batch_size", "train.batch_size=8", "--config.model.dtype=bfloat16",
                "benchmarks/memory.py", XLA_OOM):
@@ -94,7 +94,7 @@ def test_out_of_memory_names_the_settings_to_lower(tmp_path, monkeypatch):
 
   monkeypatch.setattr(steps, "init_variables", other_failure)
   with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL: something else"):  # passed on untouched
-    train.train_and_evaluate(h.get_config(), str(tmp_path / "other"))
+    training.train_and_evaluate(h.get_config(), str(tmp_path / "other"))
 
 
 def test_out_of_memory_in_the_training_loop_through_the_command_line(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO_ROOT, record_parity, subprocess_env
-from fcnjax import checkpoint, reporting, train
+from fcnjax import checkpoint, reporting, training
 from fcnjax.config import base_config
 
 
@@ -57,7 +57,7 @@ def train_losses(workdir):
 def test_loss_falls_and_miou_rises(tmp_path):
   config = tiny_config(num_steps=80, log_every=10, eval_every=20)
   config.model.base_width = 8
-  summary = train.train_and_evaluate(config, str(tmp_path))
+  summary = training.train_and_evaluate(config, str(tmp_path))
   losses = train_losses(tmp_path)
   evals = [r for r in reporting.read_metrics(str(tmp_path)) if r["kind"] == "eval"]
   assert losses[80] < 0.6 * losses[10], losses
@@ -71,12 +71,12 @@ def test_resume_equals_uninterrupted(tmp_path):
   """Three runs of 3 + 3 + 2 steps reach the parameters of one run of 8 steps (same data, RNG, schedule)."""
   config = tiny_config(num_steps=8)
   config.optim.schedule = "cosine"  # the schedule must continue where it stopped, too
-  train.train_and_evaluate(config, str(tmp_path / "whole"))
+  training.train_and_evaluate(config, str(tmp_path / "whole"))
   config.train.max_steps_per_run = 3
   for expected_stop in (3, 6):
-    summary = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    summary = training.train_and_evaluate(config, str(tmp_path / "resumed"))
     assert summary["interrupted_at"] == expected_stop
-  train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  training.train_and_evaluate(config, str(tmp_path / "resumed"))
   (whole, whole_step), (resumed, resumed_step) = final_params(tmp_path / "whole"), final_params(tmp_path / "resumed")
   assert whole_step == resumed_step == 8
   diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), whole, resumed))
@@ -89,10 +89,10 @@ import json, sys
 sys.path.insert(0, {tests!r})
 import jax
 from test_train import tiny_config
-from fcnjax import train, reporting
+from fcnjax import reporting, training
 assert jax.device_count() == {devices}, jax.devices()
 config = tiny_config(num_steps=6)
-train.train_and_evaluate(config, {workdir!r})
+training.train_and_evaluate(config, {workdir!r})
 losses = [r["loss"] for r in reporting.read_metrics({workdir!r}) if r["kind"] == "train"]
 print("LOSSES", json.dumps(losses))
 """
@@ -122,7 +122,7 @@ def trained_workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("run")
   config = tiny_config(num_steps=4)
   config.train.num_predictions = 2
-  train.train_and_evaluate(config, str(workdir))
+  training.train_and_evaluate(config, str(workdir))
   return workdir
 
 

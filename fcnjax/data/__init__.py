@@ -12,7 +12,7 @@ Modules: config (keys and defaults), io (reading files), labels (mask values -> 
 folder (layouts), validate (the pass over files before training), sources (cfg -> examples), transforms, loader.
 """
 from fcnjax.data.config import default_config, resolve
-from fcnjax.data.io import BadFileError, list_images, read_image, read_mask
+from fcnjax.data.io import BadFileError, find_mask, list_images, read_image, read_mask
 from fcnjax.data.loader import EvalData, TrainData, build_eval_data, build_train_data
 from fcnjax.data.sources import DatasetInfo, dataset_info
 from fcnjax.data.transforms import normalize, prepare_inference_image
@@ -20,6 +20,6 @@ from fcnjax.data.validate import BadFile
 
 __all__ = [
     "BadFile", "BadFileError", "DatasetInfo", "EvalData", "TrainData", "build_eval_data", "build_train_data",
-    "dataset_info", "default_config", "list_images", "normalize", "prepare_inference_image", "read_image",
+    "dataset_info", "default_config", "find_mask", "list_images", "normalize", "prepare_inference_image", "read_image",
     "read_mask", "resolve",
 ]

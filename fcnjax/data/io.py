@@ -33,6 +33,17 @@ def list_images(directory: str | os.PathLike) -> list[str]:
   return sorted(str(p) for p in directory.iterdir() if p.is_file() and is_image_file(p))
 
 
+def find_mask(mask_dir: str | os.PathLike | None, image_path: str) -> str | None:
+  """The mask of `image_path` in `mask_dir`: the file with the image's stem, or STEM_mask (None when absent)."""
+  if not mask_dir:
+    return None
+  stem = os.path.splitext(os.path.basename(image_path))[0]
+  for candidate in sorted(os.listdir(mask_dir)):
+    if os.path.splitext(candidate)[0] in (stem, f"{stem}_mask"):
+      return os.path.join(mask_dir, candidate)
+  return None
+
+
 def _open(path) -> Image.Image:
   try:
     return Image.open(path)

@@ -25,7 +25,7 @@ def conv_transpose(x: Array, kernel: Array, *, stride: PairLike = 1, padding: Pa
   pad by dilation*(k-1) - padding (plus output_padding on the far side), and correlate with the spatially flipped
   kernel whose in/out axes are swapped within each group.
   """
-  stride, padding, output_padding, dilation = map(_pair, (stride, padding, output_padding, dilation))
+  stride, padding, output_padding, dilation = map(pair, (stride, padding, output_padding, dilation))
   kh, kw, in_ch, out_per_group = kernel.shape
   if x.shape[-1] != in_ch:
     raise ValueError(f"conv_transpose: input has {x.shape[-1]} channels, kernel expects {in_ch}")

@@ -16,6 +16,8 @@ are a multiple of 16; fcnjax.conv decides which convolutions meet that and are w
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -108,11 +110,32 @@ def build(compiler: str, target: pathlib.Path) -> None:
       os.remove(tmp)
 
 
-@functools.cache
+# Whether convolutions traced in this context may use the kernels (kernels_enabled); FCNJAX_NATIVE=0 overrides.
+_ENABLED = contextvars.ContextVar("fcnjax_native_kernels_enabled", default=True)
+
+
+@contextlib.contextmanager
+def kernels_enabled(enabled: bool):
+  """Convolutions traced inside this block use the kernels only if `enabled` (a run's `config.native_kernels`).
+
+  The choice is made when a function is traced: a jitted function already compiled keeps the forms it was traced
+  with.
+  """
+  token = _ENABLED.set(bool(enabled))
+  try:
+    yield
+  finally:
+    _ENABLED.reset(token)
+
+
 def available() -> bool:
-  """Whether the kernels are built, loaded and registered with XLA (building them on the first call)."""
-  if os.environ.get("FCNJAX_NATIVE", "1") == "0":
-    return False
+  """Whether the kernels may be used here and are built, loaded and registered with XLA (building them on the
+  first call)."""
+  return _ENABLED.get() and os.environ.get("FCNJAX_NATIVE", "1") != "0" and _loaded()
+
+
+@functools.cache
+def _loaded() -> bool:
   compiler = _compiler()
   if compiler is None:
     warnings.warn("fcnjax: no C++ compiler found ($CXX, c++, g++); convolutions on CPU use XLA's own forms, "
@@ -136,7 +159,7 @@ def available() -> bool:
 @functools.cache
 def vector_lanes() -> int:
   """Floats per vector register the built kernels use: 16 (AVX-512) or 8 (AVX2 and others); 0 without them."""
-  if not available():
+  if os.environ.get("FCNJAX_NATIVE", "1") == "0" or not _loaded():
     return 0
   return int(ctypes.cdll.LoadLibrary(str(library_path(_compiler()))).FcnjaxVectorLanes())
 
@@ -148,9 +171,9 @@ def supports(dtype, out_channels: int, strides) -> bool:
 
 
 def _require() -> None:
-  if not available():
-    raise RuntimeError("fcnjax.native: the C++ kernels are not available (FCNJAX_NATIVE=0, or their build failed: "
-                       "see the warning above); fcnjax.conv falls back to XLA's forms by itself")
+  if not _loaded():
+    raise RuntimeError("fcnjax.ops.native: the C++ kernels are not available (their build failed: see the warning "
+                       "above); fcnjax.ops.conv falls back to XLA's forms by itself")
 
 
 def winograd(kernel_shape, flip: bool = False) -> bool:

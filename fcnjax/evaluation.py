@@ -1,0 +1,102 @@
+"""Evaluation: the jitted, data-parallel eval step over a dataset (used by training and by `fcnjax.evaluate`),
+per-image evaluation with whole-image or overlap-tile inference, and prediction PNGs of validation images.
+
+Scores are taken at each mask's original resolution: logits are resized bilinearly (as torchvision's reference
+scripts do) before the argmax.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from fcnjax import data, inference, metrics, parallel, steps, visualize
+from fcnjax.data import sources
+
+
+def make_eval_step(model, info: data.DatasetInfo, mesh):
+  """jitted (variables, global batch) -> confusion matrix (num_scored_classes(info) square), replicated."""
+  return jax.jit(functools.partial(steps.eval_step, apply_fn=model.apply, num_classes=num_scored_classes(info),
+                                   ignore_index=info.ignore_index),
+                 in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
+                 out_shardings=parallel.replicated(mesh))
+
+
+def num_scored_classes(info: data.DatasetInfo) -> int:
+  """Binary data (one sigmoid logit) is scored as two classes, background and foreground."""
+  return max(info.num_classes, 2)
+
+
+def compile_eval_step(eval_step, variables, eval_data, batch_sharding) -> None:
+  """Compiles the eval step for the eval set's batch shape now (a no-op for an empty set)."""
+  example_batch = next(iter(eval_data), None)
+  if example_batch is not None:
+    eval_step.lower(variables, parallel.global_shapes(example_batch, batch_sharding)).compile()
+
+
+def confusion_over(eval_step, variables, eval_data, batch_sharding, num_classes: int) -> np.ndarray:
+  """The confusion matrix summed over the whole eval set (on device), returned on the host."""
+  confusion = None
+  for batch in eval_data:
+    batch_confusion = eval_step(variables, parallel.to_global(batch, batch_sharding))
+    confusion = batch_confusion if confusion is None else confusion + batch_confusion
+  if confusion is None:
+    return np.zeros((num_classes, num_classes), np.int64)
+  return np.asarray(jax.device_get(confusion), np.int64)
+
+
+def evaluate_batched(config, model, variables) -> np.ndarray:
+  """Confusion matrix of the validation split with the eval step that training uses, over every device."""
+  info = data.dataset_info(config.data)
+  mesh = parallel.make_mesh()
+  batch_sharding = parallel.batch_sharded(mesh)
+  eval_data = data.build_eval_data(config.data, split="validation", batch_size=config.eval.batch_size,
+                                   process_index=jax.process_index(), process_count=jax.process_count())
+  eval_step = make_eval_step(model, info, mesh)
+  # As in training: every process ready before the first collective (replicate checks the variables agree), and
+  # compiled before the first all-device one (see parallel.wait_for_all_processes).
+  parallel.wait_for_all_processes("loaded")
+  variables = parallel.replicate(variables, mesh)
+  start = time.perf_counter()
+  compile_eval_step(eval_step, variables, eval_data, batch_sharding)
+  logging.info("eval step compiled in %.1f s", time.perf_counter() - start)
+  parallel.wait_for_all_processes("compiled")
+  return confusion_over(eval_step, variables, eval_data, batch_sharding, num_scored_classes(info))
+
+
+def evaluate_per_image(predictor: inference.Predictor, info: data.DatasetInfo) -> tuple[np.ndarray, dict]:
+  """Per-image inference (whole or tiled) on the host: the confusion matrix and, for binary data, the
+  challenge metrics (pixel error, foreground IoU / Dice, Rand error) over the whole validation stack."""
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  split = sources.load_split(predictor.data_config, "validation")
+  num_classes = num_scored_classes(info)
+  confusion = np.zeros((num_classes, num_classes), np.int64)
+  predictions, truths = [], []
+  for i in tqdm(range(len(split.examples)), desc="evaluate", unit="image"):
+    example = split.examples[i]
+    prediction = predictor.labels(example["image"])
+    confusion += np.asarray(metrics.confusion_matrix(prediction[None], example["mask"][None].astype(np.int32),
+                                                     num_classes, info.ignore_index), np.int64)
+    if info.binary:
+      predictions.append(prediction)
+      truths.append(example["mask"])
+  challenge = metrics.challenge_metrics(np.stack(predictions), np.stack(truths)) if info.binary else {}
+  return confusion, challenge
+
+
+def write_validation_predictions(predictor: inference.Predictor, out_dir: str, count: int) -> int:
+  """PNGs (mask, overlay, image | prediction | ground truth) of the first `count` validation examples."""
+  split = sources.load_split(predictor.data_config, "validation")
+  written = 0
+  for i in range(min(count, len(split.examples))):
+    example = split.examples[i]
+    name = split.examples.name(i) if hasattr(split.examples, "name") else f"{i:04d}"
+    visualize.write_prediction(out_dir, os.path.splitext(os.path.basename(str(name)))[0], example["image"],
+                               predictor.labels(example["image"]), example["mask"],
+                               predictor.data_config.ignore_index)
+    written += 1
+  return written
