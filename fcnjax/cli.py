@@ -1,16 +1,38 @@
-"""What every command-line entry point (fcnjax.train, .evaluate, .predict) shares: console logging and the
-workdir a config file trains into by default."""
+"""What every command-line entry point (fcnjax.train, .evaluate, .predict) shares: how it starts and how it
+reports a user's error, its default workdir, and the flags of the ones that run a trained model."""
 from __future__ import annotations
 
 import os
+import sys
+from typing import Callable
 
-from absl import flags, logging
+from absl import app, flags, logging
+
+# Errors that a user's input causes (a missing file or folder, a bad file, a config or checkpoint that does not fit,
+# a diverging or oversized run): their message says what to change, so the command prints it as one line.
+USER_ERRORS = (OSError, ValueError, ArithmeticError, RuntimeError)
 
 
-def log_warnings_only_by_default() -> None:
-  """Orbax and JAX log every checkpoint step at INFO: keep the console to the progress bar unless --verbosity."""
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+def run(main: Callable[[list[str]], None]) -> None:
+  """app.run(main), with a user's error printed as one line `TypeName: message` (exit status 1). With --verbosity
+  on the command line, the traceback is printed too."""
+
+  def guarded_main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # Orbax and JAX log every checkpoint step at INFO: keep the console to the progress bar unless --verbosity.
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)
+    try:
+      return main(argv)
+    except USER_ERRORS as error:
+      if flags.FLAGS["verbosity"].present:
+        raise
+      message = " ".join(str(error).split()) or repr(error)
+      print(f"{type(error).__name__}: {message}", file=sys.stderr)
+      raise SystemExit(1) from None
+
+  app.run(guarded_main)
 
 
 def default_workdir(config_path: str) -> str:

@@ -10,7 +10,7 @@ import json
 import os
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from fcnjax import cli, data, evaluation, inference, metrics, parallel, reporting, runs
@@ -21,9 +21,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.log_warnings_only_by_default()
+  del argv
   parallel.initialize_distributed()
   config, model, variables, step = runs.load_run(FLAGS.workdir, FLAGS.checkpoint)
   if FLAGS.config is not None:
@@ -47,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -20,9 +20,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.log_warnings_only_by_default()
+  del argv
   config, model, variables, step = runs.load_run(FLAGS.workdir, FLAGS.checkpoint)
   predictor = inference.Predictor(config.data, model, variables, **cli.predictor_options())
   paths = data.list_images(FLAGS.images)
@@ -39,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from fcnjax import cli, parallel, training
@@ -22,9 +22,7 @@ EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130}
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.log_warnings_only_by_default()
+  del argv
   workdir = FLAGS.workdir or cli.default_workdir(FLAGS["config"].config_filename)
   parallel.initialize_distributed()
   summary = training.train_and_evaluate(FLAGS.config, workdir)
@@ -35,4 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

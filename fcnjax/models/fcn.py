@@ -10,7 +10,7 @@ interpolation, and skips aligned by cropping at offsets fixed by the receptive-f
 the default because it is the architecture the paper's numbers were measured on, it keeps the pretrained fc6/fc7,
 it aligns every map exactly (no interpolation anywhere) and it is what tests/test_vgg_fcn.py checks against PyTorch.
 
-'simple' is the head found in Keras tutorials (and the seed article of this project): no pad 100 and floor pools
+'simple' is the head found in Keras tutorials: no pad 100 and floor pools
 (torchvision's VGG16 trunk), 1x1 conv6/conv7 (4096 channels) on pool5, the same score/upscore layers with padding
 chosen so each upsampling multiplies the size exactly, a nearest resize to align an upsampled map with its skip when
 floor pooling left them a pixel apart, and a final bilinear resize to the input size. It is cheaper (no 200-pixel
@@ -49,6 +49,7 @@ and the final upsampling has 32n + 32 (FCN-32s), 32n + 48 (FCN-16s) or 32n + 56 
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -62,6 +63,8 @@ from fcnjax.models.vgg import VGG16Features, conv_init, fc6_fc7
 Array = jax.Array
 
 VARIANTS = ("paper", "simple")
+# The skips of FCN-32s, FCN-16s and FCN-8s, fused in this order.
+SKIP_SETS = ((), ("pool4",), ("pool4", "pool3"))
 
 # Crop offsets of the 'paper' variant, derived in the module docstring.
 SCORE_POOL4_OFFSET = 5
@@ -123,73 +126,38 @@ def _to_input_size(x: Array, stride: int, size: tuple[int, int], variant: str) -
   return resize(x, size, method="bilinear")
 
 
-class FCN32s(nn.Module):
-  """score_fr on fc7, upsampled 32x in one step."""
+class FCN(nn.Module):
+  """score_fr on fc7, upsampled 2x and fused with the score of each skip in `skips` in turn, then upsampled to the
+  input's stride: skips () is FCN-32s, ("pool4",) FCN-16s, ("pool4", "pool3") FCN-8s."""
   num_classes: int = 21
+  skips: tuple[str, ...] = ()
   variant: str = "paper"
   dropout_rate: float = 0.5
   dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
+  def __post_init__(self):
     _check_variant(self.variant)
-    _, _, h = _trunk(x, self.variant, self.dropout_rate, train, self.dtype)
-    h = _score(h, self.num_classes, "score_fr", self.dtype)
-    h = _upscore(h, 32, self.variant, "upscore", self.dtype)
-    return {"out": _to_input_size(h, 32, x.shape[1:3], self.variant)}
-
-
-class FCN16s(nn.Module):
-  """score_fr upsampled 2x and fused with score_pool4, then upsampled 16x."""
-  num_classes: int = 21
-  variant: str = "paper"
-  dropout_rate: float = 0.5
-  dtype: Any = jnp.float32
+    if tuple(self.skips) not in SKIP_SETS:
+      raise ValueError(f"FCN skips={self.skips!r}; expected one of {SKIP_SETS}")
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
-    _check_variant(self.variant)
-    _, pool4, h = _trunk(x, self.variant, self.dropout_rate, train, self.dtype)
-    h = _score(h, self.num_classes, "score_fr", self.dtype)
-    h = _upscore(h, 2, self.variant, "upscore2", self.dtype)
-    h = _fuse(h, _score(pool4, self.num_classes, "score_pool4", self.dtype), SCORE_POOL4_OFFSET, self.variant)
-    h = _upscore(h, 16, self.variant, "upscore16", self.dtype)
-    return {"out": _to_input_size(h, 16, x.shape[1:3], self.variant)}
-
-
-class FCN8s(nn.Module):
-  """As FCN-16s, then upsampled 2x again and fused with score_pool3, then upsampled 8x."""
-  num_classes: int = 21
-  variant: str = "paper"
-  dropout_rate: float = 0.5
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
-    _check_variant(self.variant)
     pool3, pool4, h = _trunk(x, self.variant, self.dropout_rate, train, self.dtype)
+    skip_maps = {"pool4": (pool4, SCORE_POOL4_OFFSET), "pool3": (pool3, SCORE_POOL3_OFFSET)}
     h = _score(h, self.num_classes, "score_fr", self.dtype)
-    h = _upscore(h, 2, self.variant, "upscore2", self.dtype)
-    h = _fuse(h, _score(pool4, self.num_classes, "score_pool4", self.dtype), SCORE_POOL4_OFFSET, self.variant)
-    h = _upscore(h, 2, self.variant, "upscore_pool4", self.dtype)
-    h = _fuse(h, _score(pool3, self.num_classes, "score_pool3", self.dtype), SCORE_POOL3_OFFSET, self.variant)
-    h = _upscore(h, 8, self.variant, "upscore8", self.dtype)
-    return {"out": _to_input_size(h, 8, x.shape[1:3], self.variant)}
+    # Parameter names as in the reference nets: upscore2, then upscore_pool4 after the pool4 fusion.
+    upsample_name = "upscore2"
+    for skip in self.skips:
+      h = _upscore(h, 2, self.variant, upsample_name, self.dtype)
+      skip_map, offset = skip_maps[skip]
+      h = _fuse(h, _score(skip_map, self.num_classes, f"score_{skip}", self.dtype), offset, self.variant)
+      upsample_name = f"upscore_{skip}"
+    stride = 32 >> len(self.skips)
+    h = _upscore(h, stride, self.variant, f"upscore{stride}" if self.skips else "upscore", self.dtype)
+    return {"out": _to_input_size(h, stride, x.shape[1:3], self.variant)}
 
 
-def fcn32s(*, num_classes: int = 21, dtype: Any = jnp.float32, variant: str = "paper",
-           dropout_rate: float = 0.5) -> FCN32s:
-  _check_variant(variant)
-  return FCN32s(num_classes=num_classes, variant=variant, dropout_rate=dropout_rate, dtype=dtype)
-
-
-def fcn16s(*, num_classes: int = 21, dtype: Any = jnp.float32, variant: str = "paper",
-           dropout_rate: float = 0.5) -> FCN16s:
-  _check_variant(variant)
-  return FCN16s(num_classes=num_classes, variant=variant, dropout_rate=dropout_rate, dtype=dtype)
-
-
-def fcn8s(*, num_classes: int = 21, dtype: Any = jnp.float32, variant: str = "paper",
-          dropout_rate: float = 0.5) -> FCN8s:
-  _check_variant(variant)
-  return FCN8s(num_classes=num_classes, variant=variant, dropout_rate=dropout_rate, dtype=dtype)
+fcn32s = functools.partial(FCN, skips=())
+fcn16s = functools.partial(FCN, skips=("pool4",))
+fcn8s = functools.partial(FCN, skips=("pool4", "pool3"))

@@ -64,11 +64,9 @@ class Up(nn.Module):
   def __call__(self, x: Array, skip: Array, train: bool = False) -> Array:
     if self.upsampling == "transpose":
       x = ConvTranspose(self.features, kernel_size=2, strides=2, dtype=self.dtype, name="up")(x)
-    elif self.upsampling == "bilinear":
+    else:  # "bilinear" (UNet checks the mode)
       x = Conv(self.features, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, name="up")(x)
       x = resize(x, (2 * x.shape[1], 2 * x.shape[2]), "bilinear", align_corners=False)
-    else:
-      raise ValueError(f"unet: upsampling={self.upsampling!r}; expected one of {UPSAMPLING_MODES}")
     x = pad_or_crop_to(x, skip.shape[1:3])
     x = jnp.concatenate([skip, x.astype(skip.dtype)], axis=-1)
     return DoubleConv(self.features, dtype=self.dtype, name="conv")(x, train)
@@ -81,10 +79,16 @@ class UNet(nn.Module):
   upsampling: str = "transpose"
   dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
+  def __post_init__(self):
+    if self.num_classes < 1 or self.base_width < 1 or self.depth < 0:
+      raise ValueError(f"unet: need num_classes >= 1, base_width >= 1 and depth >= 0, got "
+                       f"num_classes={self.num_classes}, base_width={self.base_width}, depth={self.depth}")
     if self.upsampling not in UPSAMPLING_MODES:
       raise ValueError(f"unet: upsampling={self.upsampling!r}; expected one of {UPSAMPLING_MODES}")
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
     x = x.astype(self.dtype)
     widths = [self.base_width * 2**i for i in range(self.depth + 1)]
     x = DoubleConv(widths[0], dtype=self.dtype, name="inc")(x, train)
@@ -101,11 +105,4 @@ class UNet(nn.Module):
     return {"out": logits}
 
 
-def unet(*, num_classes: int = 2, base_width: int = 64, depth: int = 4, upsampling: str = "transpose",
-         dtype: Any = jnp.float32) -> UNet:
-  if num_classes < 1 or base_width < 1 or depth < 0:
-    raise ValueError(f"unet: need num_classes >= 1, base_width >= 1 and depth >= 0, "
-                     f"got num_classes={num_classes}, base_width={base_width}, depth={depth}")
-  if upsampling not in UPSAMPLING_MODES:
-    raise ValueError(f"unet: upsampling={upsampling!r}; expected one of {UPSAMPLING_MODES}")
-  return UNet(num_classes=num_classes, base_width=base_width, depth=depth, upsampling=upsampling, dtype=dtype)
+unet = UNet  # the zoo's builder (fcnjax.models.MODELS)
