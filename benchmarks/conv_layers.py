@@ -1,15 +1,17 @@
 """Each part of a convolution on this device, XLA's own against the form fcnjax.ops.conv uses, per layer shape.
 
-    python -m benchmarks.conv_layers [--batch 2] [--out runs/bench/conv_layers.json]
+    python -m benchmarks.conv_layers [--batch 2] [--repeats 5] [--out runs/bench/conv_layers.json]
 
-For every case: the forward pass, the input gradient and the weight gradient, jitted and timed alone (median of
---repeats after a warm-up), as lax computes them and as fcnjax.ops.conv does on CPU, through its own custom VJP, with
-the form `conv.cpu_forms` picks named: "native" (fcnjax.ops.native's direct C++ kernels), "winograd" (its F(2x2, 3x3)
-kernels), "gemm" (patches @ kernel, dy @ kernel^T + col2im), "strips" (the strip-wise weight gradient), "=" where
-fcnjax keeps XLA's. Each of our
-results is checked against XLA's. Shapes: the U-Net's 3x3 layers at 224x224 (64..1024 channels, a decoder's
-128 -> 64), its first layer, ResNet-50's 3x3/2, 7x7/2 and 1x1 layers, fcn_resnet50's classifier conv, fcn8s's fc6
-and fc7, and the quickstart U-Net's 16-channel layers at batch 16.
+For every case: the forward pass, the input gradient and the weight gradient, each jitted and timed alone (median of
+--repeats after a warm-up), as lax computes them and as fcnjax.ops.conv does through its own custom VJP, with the
+form `conv.cpu_forms` picks: "native" (fcnjax.ops.native's direct C++ kernels), "winograd" (its F(2x2, 3x3)
+kernels), "gemm" (patches @ kernel, dy @ kernel^T + col2im), "strips" (the strip-wise weight gradient), or "="
+where fcnjax keeps XLA's. Each of fcnjax's results is checked against XLA's (the last column: the largest
+difference relative to XLA's largest value). Shapes: the U-Net's 3x3 layers at 224x224 (64..1024 channels, a
+decoder's 128 -> 64), its first layer, ResNet-50's 3x3/2, 7x7/2 and 1x1 layers, fcn_resnet50's classifier conv,
+fcn8s's fc6 and fc7, and the quickstart U-Net's 16-channel layers at batch 16. The forms are chosen for CPU: on
+other devices both columns run XLA's convolutions. With --out, the rows are written as JSON, keyed by the parts'
+names in `cpu_forms` ("forward", "input_grad", "weight_grad").
 """
 from __future__ import annotations
 
@@ -44,27 +46,32 @@ def _median_ms(fn, *args, repeats: int) -> float:
 
 
 def _parts(x, kernel, strides, pads):
-  """{part: (XLA's function, fcnjax.ops.conv's or None where it keeps XLA's, its arguments, the form it uses)}."""
+  """{part: (XLA's function, fcnjax.ops.conv's or None where it keeps XLA's, their arguments, fcnjax's form)}."""
   dilation = (1, 1)
 
-  def forward(x, kernel):
-    return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=conv.NHWC)
+  def xla_conv(x, kernel):
+    return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=conv.NHWC_HWIO)
 
-  def ours(x, kernel):
-    return conv.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=conv.NHWC)
+  def fcnjax_conv(x, kernel):
+    return conv.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=conv.NHWC_HWIO)
 
-  dy = jnp.asarray(np.random.default_rng(1).standard_normal(jax.eval_shape(forward, x, kernel).shape), jnp.float32)
+  dy = jnp.asarray(np.random.default_rng(1).standard_normal(jax.eval_shape(xla_conv, x, kernel).shape), jnp.float32)
   forms = conv.cpu_forms(x.shape, kernel.shape, strides, pads, dilation, x.dtype)
+
+  def input_grad(conv_fn):
+    return lambda dy, k: jax.vjp(lambda x: conv_fn(x, k), x)[1](dy)[0]
+
+  def weight_grad(conv_fn):
+    return lambda x, dy: jax.vjp(lambda k: conv_fn(x, k), kernel)[1](dy)[0]
+
   # fcnjax's parts are the custom VJP's own: the vjp with respect to one operand compiles only that gradient.
   parts = {
-      "forward": (forward, ours, (x, kernel)),
-      "input grad": (lambda dy, k: jax.vjp(lambda x: forward(x, k), x)[1](dy)[0],
-                     lambda dy, k: jax.vjp(lambda x: ours(x, k), x)[1](dy)[0], (dy, kernel)),
-      "weight grad": (lambda x, dy: jax.vjp(lambda k: forward(x, k), kernel)[1](dy)[0],
-                      lambda x, dy: jax.vjp(lambda k: ours(x, k), kernel)[1](dy)[0], (x, dy)),
+      "forward": (xla_conv, fcnjax_conv, (x, kernel)),
+      "input_grad": (input_grad(xla_conv), input_grad(fcnjax_conv), (dy, kernel)),
+      "weight_grad": (weight_grad(xla_conv), weight_grad(fcnjax_conv), (x, dy)),
   }
-  return {part: (xla, None if forms[part] == "xla" else mine, inputs, forms[part])
-          for part, (xla, mine, inputs) in parts.items()}
+  return {part: (xla, None if forms[part] == "xla" else fcnjax, inputs, forms[part])
+          for part, (xla, fcnjax, inputs) in parts.items()}
 
 
 def main():
@@ -85,18 +92,18 @@ def main():
     kernel = jnp.asarray(rng.standard_normal((k, k, cin, cout)), jnp.float32)
     row = dict(batch=batch, size=size, cin=cin, cout=cout, kernel=k, stride=stride, padding=pad, relative_diff=0.0)
     cells = []
-    for part, (xla, ours, inputs, form) in _parts(x, kernel, (stride, stride), ((pad, pad), (pad, pad))).items():
+    for part, (xla, fcnjax, inputs, form) in _parts(x, kernel, (stride, stride), ((pad, pad), (pad, pad))).items():
       xla = jax.jit(xla)
       row[part] = {"xla_ms": _median_ms(xla, *inputs, repeats=args.repeats), "form": form}
-      if ours is None:
+      if fcnjax is None:
         cells.append(f"{row[part]['xla_ms']:.1f} / =")
         continue
-      ours = jax.jit(ours)
-      reference, result = np.asarray(xla(*inputs)), np.asarray(ours(*inputs))
+      fcnjax = jax.jit(fcnjax)
+      reference, result = np.asarray(xla(*inputs)), np.asarray(fcnjax(*inputs))
       row["relative_diff"] = max(row["relative_diff"],
                                  float(np.max(np.abs(result - reference)) / np.max(np.abs(reference))))
-      row[part]["ours_ms"] = _median_ms(ours, *inputs, repeats=args.repeats)
-      cells.append(f"{row[part]['xla_ms']:.1f} / {row[part]['ours_ms']:.1f} {form}")
+      row[part]["fcnjax_ms"] = _median_ms(fcnjax, *inputs, repeats=args.repeats)
+      cells.append(f"{row[part]['xla_ms']:.1f} / {row[part]['fcnjax_ms']:.1f} {form}")
     rows.append(row)
     print(f"| {batch} | {size} | {cin} -> {cout} | {k}/{stride} | {' | '.join(cells)} | {row['relative_diff']:.1e} |",
           flush=True)

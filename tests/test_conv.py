@@ -1,11 +1,14 @@
-"""fcnjax.conv against PyTorch's conv2d and its autograd: forward, input gradient and weight gradient, through the
-custom VJP and through each CPU form directly (GEMM forward and col2im input gradient; strip-wise weight gradient
+"""fcnjax.ops.conv against PyTorch's conv2d and its autograd: forward, input gradient and weight gradient, through
+the custom VJP and through each CPU form directly (GEMM forward and col2im input gradient; strip-wise weight gradient
 with one strip, several, and several plus a remainder strip; the native C++ kernels), for every option our models
-use, and the native kernels on a batch sharded over 8 devices."""
+use, and the native kernels on a batch sharded over 8 devices; which form each layer gets; and that every model
+convolution goes through fcnjax.ops.conv."""
+import collections
 import subprocess
 import sys
 import textwrap
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,38 +49,73 @@ def _torch_conv(x, kernel, stride, padding, dilation):
   return to_nhwc(y), to_nhwc(xt.grad), np.transpose(kt.grad.numpy(), (2, 3, 1, 0)), to_nhwc(dy)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "n{}_{}x{}_{}to{}_k{}s{}_p{}_d{}".format(*c[:7], c[7], c[8]))
-@pytest.mark.parametrize("xla_grad_channels", [0, conv.MAX_XLA_GRAD_OUT_CHANNELS], ids=["strips", "default"])
-def test_conv_and_its_gradients_match_torch(case, xla_grad_channels, monkeypatch):
-  # These cases are small enough that by default their weight gradients are XLA's: 0 sends every one to the strips.
-  monkeypatch.setattr(conv, "MAX_XLA_GRAD_OUT_CHANNELS", xla_grad_channels)
+def _scale(a):
+  return max(1.0, float(np.max(np.abs(a))))
+
+
+def _case_data(case):
+  """x, kernel, dy and torch's y, dx, d(kernel) for a CASES case."""
   n, h, w, cin, cout, k, stride, padding, dilation = case
   rng = np.random.default_rng(0)
   x = rng.standard_normal((n, h, w, cin)).astype(np.float32)
   kernel = rng.standard_normal((k, k, cin, cout)).astype(np.float32)
   y_ref, dx_ref, dk_ref, dy = _torch_conv(x, kernel, stride, padding, dilation)
+  return x, kernel, dy, y_ref, dx_ref, dk_ref
 
-  def f(x, kernel):
-    return conv.conv_general_dilated(x, kernel, (stride, stride), padding, rhs_dilation=(dilation, dilation),
-                                     dimension_numbers=conv.NHWC)
 
-  y, vjp = jax.vjp(f, jnp.asarray(x), jnp.asarray(kernel))
-  dx, dk = jax.jit(vjp)(jnp.asarray(dy))
-  scale = lambda a: max(1.0, float(np.max(np.abs(a))))  # noqa: E731
-  np.testing.assert_allclose(np.asarray(y), y_ref, atol=1e-5 * scale(y_ref))
-  np.testing.assert_allclose(np.asarray(dx), dx_ref, atol=1e-5 * scale(dx_ref))
-  np.testing.assert_allclose(np.asarray(dk), dk_ref, atol=1e-5 * scale(dk_ref))
-  # The same weight gradient with strips of 1, 2 and 3 output rows (several strips, and a remainder).
-  for rows in (1, 2, 3):
-    strips = conv.weight_grad_by_strips(jnp.asarray(x), jnp.asarray(dy), kernel.shape, (stride, stride), padding,
-                                        (dilation, dilation), gemm_rows=rows * n * dy.shape[2])
-    np.testing.assert_allclose(np.asarray(strips), dk_ref, atol=1e-5 * scale(dk_ref))
-  # The GEMM forms of the forward pass and the input gradient (what by_gemm picks on CPU for some shapes).
-  gemm_y = conv.conv_by_gemm(jnp.asarray(x), jnp.asarray(kernel), (stride, stride), padding, (dilation, dilation))
-  np.testing.assert_allclose(np.asarray(gemm_y), y_ref, atol=1e-5 * scale(y_ref))
-  gemm_dx = conv.input_grad_by_gemm(jnp.asarray(dy), jnp.asarray(kernel), x.shape, (stride, stride), padding,
-                                    (dilation, dilation))
-  np.testing.assert_allclose(np.asarray(gemm_dx), dx_ref, atol=1e-5 * scale(dx_ref))
+def _case_id(case):
+  return "n{}_{}x{}_{}to{}_k{}s{}_p{}_d{}".format(*case[:7], case[7], case[8])
+
+
+# Each test jits its function whole, as a model's step runs it: one compilation instead of one per operation.
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("xla_grad_channels", [0, conv.MAX_XLA_GRAD_OUT_CHANNELS], ids=["strips", "default"])
+def test_conv_and_its_gradients_match_torch(case, xla_grad_channels, monkeypatch):
+  """Through the custom VJP (conv_general_dilated), with the forms cpu_forms picks."""
+  # These cases are small enough that by default their weight gradients are XLA's: 0 sends every one to the strips.
+  monkeypatch.setattr(conv, "MAX_XLA_GRAD_OUT_CHANNELS", xla_grad_channels)
+  _, _, _, _, _, _, stride, padding, dilation = case
+  x, kernel, dy, y_ref, dx_ref, dk_ref = _case_data(case)
+
+  @jax.jit
+  def forward_and_grads(x, kernel, dy):
+    y, vjp = jax.vjp(lambda x, kernel: conv.conv_general_dilated(
+        x, kernel, (stride, stride), padding, rhs_dilation=(dilation, dilation),
+        dimension_numbers=conv.NHWC_HWIO), x, kernel)
+    return (y, *vjp(dy))
+
+  y, dx, dk = forward_and_grads(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(dy))
+  np.testing.assert_allclose(np.asarray(y), y_ref, atol=1e-5 * _scale(y_ref))
+  np.testing.assert_allclose(np.asarray(dx), dx_ref, atol=1e-5 * _scale(dx_ref))
+  np.testing.assert_allclose(np.asarray(dk), dk_ref, atol=1e-5 * _scale(dk_ref))
+
+
+# The 7x7 cases compile for 2-3x as long as the others (4-7 s: 49 taps, three strip programs), so they are slow; in
+# the fast subset the custom-VJP test above still checks the 7x7 layers, and the other cases check these forms.
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c[5] == 7 else c for c in CASES],
+                         ids=_case_id)
+def test_gemm_and_strip_forms_match_torch(case):
+  """Each pure-JAX CPU form called directly: the weight gradient by strips of 1, 2 and 3 output rows (one strip,
+  several, and several plus a remainder), and the GEMM forward pass and col2im input gradient (what by_gemm picks
+  on CPU for some shapes)."""
+  n, _, _, _, _, _, stride, padding, dilation = case
+  x, kernel, dy, y_ref, dx_ref, dk_ref = _case_data(case)
+  strides, dilations = (stride, stride), (dilation, dilation)
+
+  @jax.jit
+  def direct_forms(x, kernel, dy):
+    strips = [conv.weight_grad_by_strips(x, dy, kernel.shape, strides, padding, dilations,
+                                         gemm_rows=rows * n * dy.shape[2]) for rows in (1, 2, 3)]
+    gemm_y = conv.conv_by_gemm(x, kernel, strides, padding, dilations)
+    gemm_dx = conv.input_grad_by_gemm(dy, kernel, x.shape, strides, padding, dilations)
+    return strips, gemm_y, gemm_dx
+
+  strips, gemm_y, gemm_dx = direct_forms(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(dy))
+  for rows, strip_dk in zip((1, 2, 3), strips):
+    np.testing.assert_allclose(np.asarray(strip_dk), dk_ref, atol=1e-5 * _scale(dk_ref),
+                               err_msg=f"strips of {rows} rows")
+  np.testing.assert_allclose(np.asarray(gemm_y), y_ref, atol=1e-5 * _scale(y_ref))
+  np.testing.assert_allclose(np.asarray(gemm_dx), dx_ref, atol=1e-5 * _scale(dx_ref))
 
 
 def test_narrow_kernels_keep_xlas_weight_gradient(monkeypatch):
@@ -86,8 +124,10 @@ def test_narrow_kernels_keep_xlas_weight_gradient(monkeypatch):
   monkeypatch.setattr(native, "available", lambda: False)
   x = jnp.zeros((1, 8, 8, 4))
 
+  def loss(kernel):
+    return conv.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=conv.NHWC_HWIO).sum()
+
   def grad_jaxpr(cout):
-    loss = lambda k: conv.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=conv.NHWC).sum()  # noqa: E731
     return str(jax.make_jaxpr(jax.grad(loss))(jnp.ones((3, 3, 4, cout))))
 
   assert "platform_index" not in grad_jaxpr(conv.MAX_XLA_GRAD_OUT_CHANNELS)
@@ -103,7 +143,7 @@ def test_gemm_form_is_picked_for_1x1_kernels_and_few_output_pixels(monkeypatch):
   x = jnp.zeros((1, 8, 8, 4))
 
   def jaxprs(kernel_shape):
-    f = lambda x, k: conv.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=conv.NHWC)  # noqa: E731
+    f = lambda x, k: conv.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=conv.NHWC_HWIO)  # noqa: E731
     kernel = jnp.ones(kernel_shape)
     return str(jax.make_jaxpr(f)(x, kernel)), str(jax.make_jaxpr(jax.grad(lambda x: f(x, kernel).sum()))(x))
 
@@ -143,8 +183,8 @@ def expected_native_forms(cin, cout, k):
   gradient is XLA's when cin is not a multiple of 16."""
   def winograd(channels_in):
     return k == 3 and channels_in % 16 == 0 and channels_in >= native.WINOGRAD_MIN_IN_CHANNELS
-  return {"forward": "winograd" if winograd(cin) else "native", "weight grad": "native",
-          "input grad": "xla" if cin % 16 else "winograd" if winograd(cout) else "native"}
+  return {"forward": "winograd" if winograd(cin) else "native", "weight_grad": "native",
+          "input_grad": "xla" if cin % 16 else "winograd" if winograd(cout) else "native"}
 
 
 @pytest.fixture
@@ -170,7 +210,7 @@ def test_native_kernels_match_torch(case):
 
   def f(x, kernel):
     return conv.conv_general_dilated(x, kernel, (1, 1), padding, rhs_dilation=(dilation, dilation),
-                                     dimension_numbers=conv.NHWC)
+                                     dimension_numbers=conv.NHWC_HWIO)
 
   def forward_and_grads(x, kernel, dy):
     y, vjp = jax.vjp(f, x, kernel)
@@ -193,16 +233,43 @@ def test_native_input_gradient_is_kept_for_wide_inputs():
   forms = conv.cpu_forms((2, 28, 28, 1024), (3, 3, 1024, 512), (1, 1), ((1, 1), (1, 1)), (1, 1), jnp.float32)
   wide_input_grad = "xla" if native.vector_lanes() == 16 else "winograd"
   assert native.vector_lanes() in (8, 16)
-  assert forms == {"forward": "winograd", "input grad": wide_input_grad, "weight grad": "native"}
+  assert forms == {"forward": "winograd", "input_grad": wide_input_grad, "weight_grad": "native"}
   # Not for the native kernels: strides, bfloat16, output channels not in 16s, 1x1 kernels (GEMM).
   assert conv.cpu_forms((2, 28, 28, 64), (3, 3, 64, 64), (2, 2), ((1, 1), (1, 1)), (1, 1),
                         jnp.float32)["forward"] == "xla"
   assert conv.cpu_forms((2, 28, 28, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)), (1, 1),
                         jnp.bfloat16)["forward"] == "xla"
   assert conv.cpu_forms((2, 28, 28, 64), (3, 3, 64, 24), (1, 1), ((1, 1), (1, 1)), (1, 1),
-                        jnp.float32)["weight grad"] == "strips"
+                        jnp.float32)["weight_grad"] == "strips"
   assert conv.cpu_forms((2, 28, 28, 64), (1, 1, 64, 64), (1, 1), ((0, 0), (0, 0)), (1, 1),
                         jnp.float32)["forward"] == "gemm"
+
+
+@pytest.mark.usefixtures("native_kernels")
+def test_kernels_enabled_false_turns_the_native_forms_off():
+  """native.kernels_enabled(False) (a run's config.native_kernels=False): a 3x3 64 -> 64 layer gets no native or
+  Winograd form and its traced gradient no custom call; outside the block (and inside kernels_enabled(True)) it
+  gets them again."""
+  shapes = ((2, 28, 28, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)), (1, 1), jnp.float32)
+  native_forms = {"native", "winograd"}
+
+  def loss(x, kernel):
+    return conv.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=conv.NHWC_HWIO).sum()
+
+  def traced_gradient():
+    # 16x16 pixels: more than the 64 output channels, so not a GEMM case.
+    return str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(jnp.zeros((1, 16, 16, 64)), jnp.zeros((3, 3, 64, 64))))
+
+  forms = conv.cpu_forms(*shapes)
+  assert set(forms.values()) <= native_forms and forms["weight_grad"] == "native", forms
+  jaxpr = traced_gradient()
+  assert "fcnjax_conv_forward" in jaxpr and "fcnjax_conv_weight_grad" in jaxpr
+  with native.kernels_enabled(False):
+    assert conv.cpu_forms(*shapes) == {"forward": "xla", "input_grad": "xla", "weight_grad": "strips"}
+    assert "fcnjax_conv" not in traced_gradient()
+    with native.kernels_enabled(True):
+      assert conv.cpu_forms(*shapes) == forms
+  assert conv.cpu_forms(*shapes) == forms
 
 
 @pytest.mark.usefixtures("native_kernels")
@@ -214,10 +281,10 @@ def test_native_kernels_under_vmap():
   kernels = jnp.asarray(rng.standard_normal((3, 3, 3, 16, 32)), jnp.float32)
 
   def ours(x, k):
-    return conv.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=conv.NHWC)
+    return conv.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=conv.NHWC_HWIO)
 
   def lax_conv(x, k):
-    return jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=conv.NHWC)
+    return jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=conv.NHWC_HWIO)
 
   def loss(conv_fn):
     return lambda k, x: jnp.sum(jnp.sin(conv_fn(x, k)))
@@ -239,15 +306,15 @@ def test_native_build_failure_falls_back_with_a_warning(monkeypatch, tmp_path):
   monkeypatch.setenv("FCNJAX_CACHE_DIR", str(tmp_path))
   monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
   with pytest.warns(UserWarning, match="could not build or load native_conv.cc"):
-    assert native.available.__wrapped__() is False
+    assert native._loaded.__wrapped__() is False  # pylint: disable=protected-access
   monkeypatch.setenv("FCNJAX_NATIVE", "0")
-  assert native.available.__wrapped__() is False
+  assert native.available() is False
 
 
 SHARDED_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from fcnjax import conv
+    from fcnjax.ops import conv
     assert jax.device_count() == 8
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     rng = np.random.default_rng(0)
@@ -255,7 +322,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     kernel = jax.device_put(jnp.asarray(rng.standard_normal((3, 3, 16, 32)), jnp.float32), NamedSharding(mesh, P()))
 
     def loss(conv_fn, x, kernel):
-      y = conv_fn(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=conv.NHWC)
+      y = conv_fn(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=conv.NHWC_HWIO)
       return (y * jnp.cos(y)).sum()
 
     ours = jax.jit(jax.value_and_grad(lambda x, k: loss(conv.conv_general_dilated, x, k), argnums=(0, 1)))
@@ -283,6 +350,7 @@ def test_native_kernels_keep_a_sharded_batch_on_its_devices():
   assert "REL" in result.stdout
 
 
+@pytest.mark.slow  # a second build of the kernels and the parity cases again in a subprocess: ~30 s
 @pytest.mark.usefixtures("native_kernels")
 def test_native_kernels_with_the_other_targets_blocks(tmp_path):
   """The register blocks of the vector width this machine does not have (AVX-512's 16-float vectors on an AVX2
@@ -316,22 +384,62 @@ def test_other_convolutions_go_to_lax_unchanged():
   """Grouped, input-dilated or non-NHWC convolutions are not ours: the same function, the same values."""
   x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 8, 8, 4)), jnp.float32)
   kernel = jnp.ones((3, 3, 2, 4), jnp.float32)
-  args = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=conv.NHWC, feature_group_count=2)
+  args = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=conv.NHWC_HWIO, feature_group_count=2)
   np.testing.assert_array_equal(conv.conv_general_dilated(x, kernel, **args), jax.lax.conv_general_dilated(x, kernel,
                                                                                                           **args))
   jaxpr = str(jax.make_jaxpr(lambda x: conv.conv_general_dilated(x, kernel, **args))(x))
   assert "custom_vjp" not in jaxpr
   jaxpr = str(jax.make_jaxpr(lambda x: conv.conv_general_dilated(x, jnp.ones((3, 3, 4, 4)), (1, 1), "SAME",
-                                                                 dimension_numbers=conv.NHWC))(x))
+                                                                 dimension_numbers=conv.NHWC_HWIO))(x))
   assert "custom_vjp" in jaxpr
 
 
-def test_models_use_it():
-  """Every model's convolutions go through conv.Conv (the same parameter names as nn.Conv)."""
+def _conv_kernel_shapes(model, image_shape):
+  """The kernel shapes of a model's convolution layers (its 4-D "kernel" parameters, less those of its transposed
+  convolutions) and of the convolutions its forward pass sends through fcnjax.ops.conv's custom VJP, both sorted.
+  Shapes only (jax.eval_shape): no parameter is allocated."""
+  from fcnjax.ops import ConvTranspose  # pylint: disable=g-import-not-at-top
+  x = jax.ShapeDtypeStruct(image_shape, jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x)
+  transposed = set()
+
+  def record_transposed(next_fun, args, kwargs, context):
+    if isinstance(context.module, ConvTranspose):
+      transposed.add(context.module.path)
+    return next_fun(*args, **kwargs)
+
+  routed = []
+  conv_vjp = conv._conv  # pylint: disable=protected-access
+
+  def counting_conv_vjp(x, kernel, *args):
+    routed.append(tuple(kernel.shape))
+    return conv_vjp(x, kernel, *args)
+
+  conv._conv = counting_conv_vjp  # pylint: disable=protected-access
+  try:
+    with nn.intercept_methods(record_transposed):
+      jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+  finally:
+    conv._conv = conv_vjp  # pylint: disable=protected-access
+  layers = [tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])
+            if path[-1].key == "kernel" and leaf.ndim == 4
+            and tuple(k.key for k in path[:-1]) not in transposed]
+  return sorted(layers), sorted(routed)
+
+
+@pytest.mark.parametrize("name, options, image_size, num_layers", [
+    ("unet", dict(base_width=4, depth=2), 20, 11),  # 10 3x3 layers, outc; 2 transposed up-convolutions
+    ("unet", dict(base_width=4, depth=2, upsampling="bilinear"), 20, 13),  # + each Up's 1x1 "up" layer
+    ("fcn8s", {}, 32, 18),  # 13 VGG layers, fc6, fc7, score_fr, score_pool3/4; 3 transposed upscore layers
+    ("fcn_resnet50", {}, 32, 57),  # ResNet-50's 53, the classifier's and the aux head's 3x3 and 1x1
+])
+def test_every_model_convolution_goes_through_fcnjax_conv(name, options, image_size, num_layers):
+  """Each convolution layer of the model calls fcnjax.ops.conv's custom VJP once in its forward pass, with that
+  layer's kernel: a layer on flax's plain nn.Conv (or lax's convolution) would bypass the CPU forms and fail here."""
   from fcnjax import models  # pylint: disable=g-import-not-at-top
-  model = models.build_model(dict(name="unet", num_classes=2, base_width=4, depth=2))
-  x = jnp.zeros((1, 16, 16, 3))
-  variables = model.init(jax.random.PRNGKey(0), x, train=False)
-  assert variables["params"]["inc"]["conv1"]["kernel"].shape == (3, 3, 3, 4)
-  jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, x, train=False))(variables))
-  assert "custom_vjp" in jaxpr
+  model = models.build_model(dict(name=name, num_classes=3, **options))
+  layers, routed = _conv_kernel_shapes(model, (1, image_size, image_size, 3))
+  assert len(layers) == num_layers, layers
+  bypassing = collections.Counter(layers) - collections.Counter(routed)
+  assert not bypassing, f"{name}: convolutions with these kernels bypass fcnjax.ops.conv: {dict(bypassing)}"
+  assert routed == layers

@@ -308,8 +308,15 @@ POOL_CONFIGS = [(k, s, p, ceil) for k in (2, 3) for s in (1, 2, 3) for p in (0, 
                          ids=[f"k{k}-s{s}-p{p}-{'ceil' if c else 'floor'}" for k, s, p, c in POOL_CONFIGS])
 def test_max_pool_matches_torch(window, stride, padding, ceil_mode):
   """Values and gradients; images 2 and 3 of each batch have many ties, where the gradient must go to the first
-  maximum in window order, as PyTorch's does. (Both kinds in one batch: one set of op compilations per size.)"""
+  maximum in window order, as PyTorch's does. (Both kinds in one batch, and the pool and its gradient in one jitted
+  function, as a model's step runs them: one compilation per size.)"""
   pool = torch.nn.MaxPool2d(window, stride, padding, ceil_mode=ceil_mode)
+
+  @jax.jit
+  def pool_and_grad(x, dy):
+    out, vjp = jax.vjp(lambda x: max_pool(x, window, stride, padding, ceil_mode=ceil_mode), x)
+    return out, vjp(dy)[0]
+
   compared = 0
   for h, w in ((1, 1), (2, 5), (4, 3), (5, 8), (7, 7), (9, 6)):
     rng = np.random.RandomState(h * w)
@@ -322,12 +329,11 @@ def test_max_pool_matches_torch(window, stride, padding, ceil_mode):
       continue
     dy = rng.standard_normal(expected.shape).astype(np.float32)
     expected.backward(torch.from_numpy(dy))
-    out, vjp = jax.vjp(lambda x: max_pool(x, window, stride, padding, ceil_mode=ceil_mode), jnp.asarray(x))
+    out, dx = pool_and_grad(jnp.asarray(x), jnp.asarray(np.transpose(dy, (0, 2, 3, 1))))
     assert out.shape == nhwc(expected.detach()).shape, (h, w)
     np.testing.assert_array_equal(out, nhwc(expected.detach()), err_msg=f"input {h}x{w}")
     # Overlapping windows add their shares in another order than torch: float32 rounding, not a tie sent astray.
-    np.testing.assert_allclose(vjp(jnp.asarray(np.transpose(dy, (0, 2, 3, 1))))[0], nhwc(x_torch.grad), rtol=0,
-                               atol=1e-6, err_msg=f"gradient, input {h}x{w}")
+    np.testing.assert_allclose(dx, nhwc(x_torch.grad), rtol=0, atol=1e-6, err_msg=f"gradient, input {h}x{w}")
     compared += 1
   assert compared >= 4
 

@@ -49,5 +49,3 @@ class BatchNorm(nn.Module):
     y = (x32 - mean) * multiplier + bias.astype(jnp.float32)
     return y.astype(self.dtype or x.dtype)
 
-
-# --------------------------------------------------------------------------------------------------------------------

@@ -1,23 +1,30 @@
-"""Convolution with lax.conv_general_dilated's signature and values, on CPU in the forms XLA:CPU runs fastest.
+"""Convolution with lax.conv_general_dilated's signature and values; on CPU, each part in its fastest form.
 
-On this project's 2-core Xeon (docs/performance.md, benchmarks/conv_layers.py), XLA:CPU ran 3x3 convolutions at
-60-90% of PyTorch's speed, computed their weight gradient as a convolution whose "kernel" is the whole output
-gradient (3-9x the forward's time), and ran convolutions with few output pixels and many channels (fc6/fc7, 1x1
-layers, a 14x14 bottleneck) at a fifth to two thirds of its GEMM speed. So, on CPU only:
-- stride-1 float32 convolutions with kernels larger than 1x1 and output channels in multiples of 16 (every 3x3 layer
-  of our models): fcnjax's own C++ kernels (fcnjax.ops.native, `by_native`) for the forward pass, the input gradient
-  (the forward kernel on dy with the flipped kernel) and the weight gradient; where the forward pass or the input
-  gradient is a 3x3 convolution from 32 or more channels (in 16s), by Winograd's F(2x2, 3x3) (`native.winograd`),
-  1.5-2.2x faster than the direct kernel on the EPYC's 64-2048-channel layers (benchmarks/conv_layers.py);
-- forward pass and input gradient, where `by_gemm` says so: patches @ kernel, and dy @ kernel^T put back by
-  col2im, which also reads the kernel in place instead of copying a flipped one each step;
-- weight gradient of the other convolutions (strided ones, 1x1, or without the native kernels): patches(x)^T @ dy
-  accumulated over strips of output rows (`weight_grad_by_strips`), each strip's patch matrix small enough to stay
-  in cache and feed one GEMM; kernels with at most MAX_XLA_GRAD_OUT_CHANNELS output channels keep XLA's gradient;
-- everything else, and every other backend (cuDNN), stays XLA's: lax.platform_dependent picks per platform when
-  compiling.
+`Conv` is flax's nn.Conv with this module's `conv_general_dilated`. A 2-D NHWC/HWIO convolution without input
+dilation or groups goes through one custom VJP (`_conv`); for each of its parts (forward pass, input gradient,
+weight gradient) `cpu_forms` names the form that computes it when compiling for CPU:
+- "native" (fcnjax.ops.native's direct C++ kernels, `by_native`): stride-1 float32 convolutions with output
+  channels in 16s and a kernel larger than 1x1 that are not a GEMM case (every 3x3 layer of the models), for all
+  three parts (the input gradient as the native forward convolution of dy with the flipped kernel);
+- "winograd" (`native.supports_winograd`): of those, a forward pass or input gradient that is a 3x3 convolution
+  from 32 or more input channels in 16s, by F(2x2, 3x3): 1.5-2.2x the direct kernel on 64-2048-channel layers
+  (2-core EPYC, AVX2);
+- "gemm" (`by_gemm`): forward pass and input gradient of 1x1 kernels and of convolutions with no more output
+  pixels than output channels: patches @ kernel, and dy @ kernel^T put back by col2im (reading the kernel in
+  place, no flipped copy);
+- "strips" (`weight_grad_by_strips`): the weight gradient of the convolutions the native kernels do not take
+  (strided, 1x1, few output pixels, or no compiler) with more than MAX_XLA_GRAD_OUT_CHANNELS output channels:
+  patches(x)^T @ dy summed over strips of output rows, each strip's patch matrix small enough to stay in cache and
+  feed one GEMM;
+- "xla": everything else, lax's own.
+Every other backend (cuDNN) runs lax's own: lax.platform_dependent picks per platform when compiling.
 
-Same values as lax up to float32 summation order (tests/test_conv.py checks every part against PyTorch).
+Why: XLA:CPU runs 3x3 convolutions at 60-90% of PyTorch's speed, computes their weight gradient as a convolution
+whose "kernel" is the whole output gradient (3-9x the forward's time), and runs convolutions with few output pixels
+and many channels (fc6/fc7, 1x1 layers, a 14x14 bottleneck) at a fifth to two thirds of its GEMM speed
+(benchmarks/conv_layers.py prints each part, XLA's against the form chosen here; README.md here has the figures).
+
+Same values as lax up to float32 summation order (tests/test_conv.py checks every form against PyTorch).
 """
 from __future__ import annotations
 
@@ -32,29 +39,31 @@ from jax import lax
 from fcnjax.ops import native, windows
 
 Array = jax.Array
-NHWC = ("NHWC", "HWIO", "NHWC")
+NHWC_HWIO = ("NHWC", "HWIO", "NHWC")  # dimension numbers: input, kernel, output
 # Rows of patches per GEMM: (strip rows x output width x batch) ~ STRIP_PATCH_BYTES / (bytes of one patch row),
 # within [MIN, MAX]_STRIP_GEMM_ROWS. A 3x3, 64-channel strip is then ~1800 rows (4 MiB); a 512-channel one 512 rows.
-# Measured by benchmarks/conv_layers.py against a fixed 4096 rows: 1.1-1.4x at 112x112x128 to 28x28x512; fewer
-# than ~512 rows made 14x14x1024 slower.
+# Against a fixed 4096 rows this is 1.1-1.4x faster from 112x112x128 to 28x28x512; below ~512 rows 14x14x1024
+# slows down (benchmarks/conv_layers.py).
 STRIP_PATCH_BYTES = 4 << 20
 MIN_STRIP_GEMM_ROWS = 512
 MAX_STRIP_GEMM_ROWS = 4096
-# Kernels with at most this many output channels keep XLA's gradient: the strips' GEMM is then too narrow (16
-# columns) and XLA's own was 1.4-2x faster on the quickstart's 64x64, 16-channel layers.
+# Kernels with at most this many output channels keep XLA's weight gradient: the strips' GEMM is then too narrow
+# (16 columns), and XLA's own is 1.4-2x faster on the quickstart U-Net's 64x64, 16-channel layers
+# (benchmarks/conv_layers.py, batch 16).
 MAX_XLA_GRAD_OUT_CHANNELS = 16
 # Up to this many output channels the strips' GEMM takes dy as its first operand (see weight_grad_by_strips).
 MAX_DY_FIRST_OUT_CHANNELS = 128
-# The native input gradient is a forward convolution with the kernel flipped and transposed in C++ each step. On the
-# 2-core Xeon (AVX-512 build) that copy cost ~3-6 ns per kernel element, which at 28x28 with 1024-2048 input channels
-# (its output channels) made it slower than XLA's (3x3x2048x512: 266 vs 193 ms); with <= 512 it was 0.8-1.4x XLA's
-# speed, faster in most runs. On the 2-core EPYC (AVX2 build) it was faster than XLA's for 2048 too (175 vs 234 ms,
-# benchmarks/conv_layers.py), so the limit holds for AVX-512 builds only.
+# AVX-512 builds (16-float vectors): the native input gradient takes at most this many input channels (its output
+# channels). It is a forward convolution with the kernel flipped and transposed in C++ each step, ~3-6 ns per kernel
+# element; above 512 channels at 28x28 that copy makes it slower than XLA's (3x3x2048x512: 266 vs 193 ms on a
+# 2-core Xeon), up to 512 it runs at 0.8-1.4x XLA's speed.
+# AVX2 builds (8-float vectors): no limit; 3x3x2048x512 at 28x28 takes 175 ms against XLA's 234 (2-core EPYC).
+# Figures from benchmarks/conv_layers.py, batch 2.
 MAX_NATIVE_INPUT_GRAD_CHANNELS = 512
 
 
 def max_native_input_grad_channels() -> int | None:
-  """The most input channels whose input gradient the native kernels compute (None: no limit)."""
+  """The most input channels whose input gradient the native kernels compute in this build (None: no limit)."""
   return MAX_NATIVE_INPUT_GRAD_CHANNELS if native.vector_lanes() == 16 else None
 
 
@@ -70,11 +79,11 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
                          precision: Any = None, preferred_element_type: Any = None) -> Array:
   """lax.conv_general_dilated's signature (what flax's nn.Conv calls); 2-D NHWC/HWIO convolutions without input
   dilation or groups take the CPU forms above, anything else goes to lax unchanged."""
-  plain = (lhs.ndim == 4 and feature_group_count == 1 and batch_group_count == 1 and preferred_element_type is None
-           and all(d == 1 for d in (lhs_dilation or (1, 1)))
-           and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-           == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC))
-  if not plain:
+  has_cpu_forms = (lhs.ndim == 4 and feature_group_count == 1 and batch_group_count == 1
+                   and preferred_element_type is None and all(d == 1 for d in (lhs_dilation or (1, 1)))
+                   and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+                   == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC_HWIO))
+  if not has_cpu_forms:
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                                     feature_group_count, batch_group_count, precision, preferred_element_type)
   strides = tuple(int(s) for s in window_strides)
@@ -86,19 +95,19 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
   return _conv(lhs, rhs, strides, pads, dilation, precision)
 
 
-# Flax's convolution with this weight gradient: same parameters and names as nn.Conv.
+# Flax's convolution through this module's forms: same parameters and names as nn.Conv.
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 
 
 def _lax_conv(x, kernel, strides, pads, dilation, precision):
-  return lax.conv_general_dilated(x, kernel, strides, pads, rhs_dilation=dilation, dimension_numbers=NHWC,
+  return lax.conv_general_dilated(x, kernel, strides, pads, rhs_dilation=dilation, dimension_numbers=NHWC_HWIO,
                                   precision=precision)
 
 
 def by_gemm(x_shape, kernel_shape, strides, pads, dilation) -> bool:
   """Whether the forward pass and input gradient are one GEMM on CPU: for 1x1 kernels (no patches to build), and
   where the patch matrix (one row per output pixel) is no bigger than the kernel, i.e. n * out_h * out_w <= out
-  channels: fc6/fc7, the U-Net's 14x14 bottleneck. There XLA:CPU's convolution ran at a fifth to two thirds of
+  channels: fc6/fc7, the U-Net's 14x14 bottleneck. There XLA:CPU's convolution runs at a fifth to two thirds of
   the GEMM's speed (benchmarks/conv_layers.py); at higher resolutions its own convolutions are faster."""
   kh, kw, _, cout = kernel_shape
   out_h, out_w = windows.out_hw(x_shape[1:3], kernel_shape[:2], strides, pads, dilation)
@@ -113,20 +122,22 @@ def by_native(x_shape, kernel_shape, strides, pads, dilation, dtype) -> bool:
 
 
 def cpu_forms(x_shape, kernel_shape, strides, pads, dilation, dtype) -> dict[str, str]:
-  """Which form computes each part of this convolution on CPU: "native" (fcnjax.native's direct kernels),
-  "winograd" (its F(2x2, 3x3) kernels), "gemm" (conv_by_gemm, input_grad_by_gemm), "strips"
-  (weight_grad_by_strips) or "xla" (lax's own)."""
+  """Which form computes each part of this convolution on CPU: "forward", "input_grad" and "weight_grad" each map
+  to "native" (fcnjax.ops.native's direct kernels), "winograd" (its F(2x2, 3x3) kernels), "gemm" (conv_by_gemm,
+  input_grad_by_gemm), "strips" (weight_grad_by_strips) or "xla" (lax's own)."""
+  _, _, cin, cout = kernel_shape
   gemm = by_gemm(x_shape, kernel_shape, strides, pads, dilation)
-  direct = by_native(x_shape, kernel_shape, strides, pads, dilation, dtype)
+  native_kernels = by_native(x_shape, kernel_shape, strides, pads, dilation, dtype)
   # The input gradient is a native forward convolution whose output channels are the input's.
-  limit = max_native_input_grad_channels() if direct else None
-  direct_input_grad = (direct and kernel_shape[2] % native.CHANNEL_MULTIPLE == 0
-                       and (limit is None or kernel_shape[2] <= limit))
-  forward_native = "winograd" if direct and native.winograd(kernel_shape) else "native"
-  input_grad_native = "winograd" if direct_input_grad and native.winograd(kernel_shape, flip=True) else "native"
-  return {"forward": forward_native if direct else "gemm" if gemm else "xla",
-          "input grad": input_grad_native if direct_input_grad else "gemm" if gemm else "xla",
-          "weight grad": "native" if direct else "strips" if kernel_shape[3] > MAX_XLA_GRAD_OUT_CHANNELS else "xla"}
+  limit = max_native_input_grad_channels() if native_kernels else None
+  native_input_grad = (native_kernels and cin % native.CHANNEL_MULTIPLE == 0 and (limit is None or cin <= limit))
+
+  def native_form(flip):
+    return "winograd" if native.supports_winograd(kernel_shape, flip) else "native"
+
+  return {"forward": native_form(False) if native_kernels else "gemm" if gemm else "xla",
+          "input_grad": native_form(True) if native_input_grad else "gemm" if gemm else "xla",
+          "weight_grad": "native" if native_kernels else "strips" if cout > MAX_XLA_GRAD_OUT_CHANNELS else "xla"}
 
 
 def _flipped_pads(kernel_hw, pads, dilation):
@@ -168,19 +179,23 @@ def input_grad_by_gemm(dy: Array, kernel: Array, x_shape, strides, pads, dilatio
                       dilation)
 
 
-def _cpu_form(wanted: bool, cpu, default, *args):
-  """cpu(*args) where `wanted` and compiling for CPU, default(*args) elsewhere (lax.platform_dependent)."""
-  if not wanted:
-    return default(*args)
-  return lax.platform_dependent(*args, cpu=cpu, default=default)
+def _on_cpu_else(cpu_fn, default_fn, *args):
+  """cpu_fn(*args) when compiling for CPU, default_fn(*args) on every other platform (lax.platform_dependent)."""
+  return lax.platform_dependent(*args, cpu=cpu_fn, default=default_fn)
 
 
 def _forward(x, kernel, strides, pads, dilation, precision):
   form = cpu_forms(x.shape, kernel.shape, strides, pads, dilation, x.dtype)["forward"]
-  cpu = {"native": lambda x, k: native.conv_forward(x, k, pads, dilation),
-         "winograd": lambda x, k: native.conv_forward(x, k, pads, dilation, by_winograd=True),
-         "gemm": lambda x, k: conv_by_gemm(x, k, strides, pads, dilation, precision)}.get(form)
-  return _cpu_form(cpu is not None, cpu, lambda x, k: _lax_conv(x, k, strides, pads, dilation, precision), x, kernel)
+  cpu_forward = {"native": lambda x, k: native.conv_forward(x, k, pads, dilation),
+                 "winograd": lambda x, k: native.conv_forward(x, k, pads, dilation, by_winograd=True),
+                 "gemm": lambda x, k: conv_by_gemm(x, k, strides, pads, dilation, precision)}.get(form)
+
+  def xla_forward(x, kernel):
+    return _lax_conv(x, kernel, strides, pads, dilation, precision)
+
+  if cpu_forward is None:
+    return xla_forward(x, kernel)
+  return _on_cpu_else(cpu_forward, xla_forward, x, kernel)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
@@ -218,11 +233,13 @@ def _conv_bwd(strides, pads, dilation, precision, residuals, dy):
     return native.conv_weight_grad(x, dy, kernel.shape, pads, dilation)
 
   forms = cpu_forms(x.shape, kernel.shape, strides, pads, dilation, x.dtype)
-  cpu_dx = {"native": native_input_grad, "winograd": winograd_input_grad,
-            "gemm": gemm_input_grad}.get(forms["input grad"])
-  cpu_dk = {"native": native_weight_grad, "strips": strip_weight_grad}.get(forms["weight grad"])
-  dx = _cpu_form(cpu_dx is not None, cpu_dx, xla_input_grad, dy, kernel)
-  dk = _cpu_form(cpu_dk is not None, cpu_dk, xla_weight_grad, x, dy)
+  cpu_input_grad = {"native": native_input_grad, "winograd": winograd_input_grad,
+                    "gemm": gemm_input_grad}.get(forms["input_grad"])
+  cpu_weight_grad = {"native": native_weight_grad, "strips": strip_weight_grad}.get(forms["weight_grad"])
+  dx = (xla_input_grad(dy, kernel) if cpu_input_grad is None
+        else _on_cpu_else(cpu_input_grad, xla_input_grad, dy, kernel))
+  dk = (xla_weight_grad(x, dy) if cpu_weight_grad is None
+        else _on_cpu_else(cpu_weight_grad, xla_weight_grad, x, dy))
   return dx, dk
 
 
@@ -248,8 +265,9 @@ def weight_grad_by_strips(x: Array, dy: Array, kernel_shape: Sequence[int], stri
   x = windows.pad_hw(x, pads)
 
   # XLA's GEMM wants its operands as (M, K) and (K, N); contracting both over their rows transposes the first one.
-  # Putting dy first (accumulating d(kernel)^T) was 1.2-1.4x faster at 224x224 and 112x112 with 64-128 output
-  # channels; with 256+ channels it was as often slower as faster, and fcn_resnet50's train step no faster.
+  # Putting dy first (accumulating d(kernel)^T) is 1.2-1.4x faster at 224x224 and 112x112 with 64-128 output
+  # channels; with 256+ channels it is as often slower as faster, and fcn_resnet50's train step no faster
+  # (benchmarks/conv_layers.py, benchmarks/compare_torch.py).
   dy_first = cout <= min(kh * kw * cin, MAX_DY_FIRST_OUT_CHANNELS)
 
   def strip_grad(x_rows, dy_rows):

@@ -63,7 +63,7 @@ def _conv_transpose_disjoint(x: Array, kernel: Array, *, padding: tuple[int, int
   input pixels do not overlap, so output pixel (s*h + i, s*w + j) is x[h, w] @ kernel[i, j] alone.
 
   One matmul and a pixel shuffle instead of a convolution over a stride-dilated input. Same values, but the
-  gradients are matmuls too: XLA:CPU emits the dilated convolution's weight gradient as plain loops, which made
+  gradients are matmuls too: XLA:CPU emits the dilated convolution's weight gradient as plain loops, which makes
   U-Net's four up-convolutions about half of its CPU train step (docs/performance.md).
   """
   n, h, w, in_ch = x.shape
@@ -88,9 +88,9 @@ def bilinear_upsample_init(key: Array, shape: Sequence[int], dtype: Any = jnp.fl
   kh, kw, in_ch, out_ch = shape
   if in_ch != out_ch:
     raise ValueError(f"bilinear_upsample_init needs as many input as output channels, got shape {tuple(shape)}")
-  filt = np.outer(bilinear_filter_1d(kh), bilinear_filter_1d(kw))
+  weights = np.outer(bilinear_filter_1d(kh), bilinear_filter_1d(kw))
   kernel = np.zeros((kh, kw, in_ch, out_ch), dtype=np.float32)
-  kernel[:, :, np.arange(in_ch), np.arange(out_ch)] = filt[:, :, None]
+  kernel[:, :, np.arange(in_ch), np.arange(out_ch)] = weights[:, :, None]
   return jnp.asarray(kernel, dtype=dtype)
 
 

@@ -5,14 +5,16 @@ units (-march=native), against the FFI headers that jaxlib ships, into a cache f
 ~/.cache/fcnjax). The library's name holds a hash of the source, the compiler, its flags, jaxlib's version and the
 CPU's features, so a changed source, toolchain or machine builds anew and a shared cache never serves a library
 built for another CPU. Without a compiler, or when the build fails, fcnjax warns once and every convolution keeps
-the pure-XLA forms (fcnjax.conv). FCNJAX_NATIVE=0 turns the kernels off (for comparisons and debugging), and
-FCNJAX_NATIVE_LANES=8 or 16 builds them with the register blocks of 8-float (AVX2) or 16-float (AVX-512) vectors
-whatever the machine has (tests/test_conv.py runs the other target's blocks this way).
+the pure-XLA forms (fcnjax.ops.conv).
 
-FCNJAX_WINOGRAD=0 turns off Winograd's F(2x2, 3x3) (`winograd`), leaving the direct kernels.
+Switches: FCNJAX_NATIVE=0 turns the kernels off for the process (for comparisons and debugging); `kernels_enabled`
+turns them off for what is traced inside it (a run's `config.native_kernels`); FCNJAX_WINOGRAD=0 turns off
+Winograd's F(2x2, 3x3) (`supports_winograd`), leaving the direct kernels; FCNJAX_NATIVE_LANES=8 or 16 builds the
+register blocks of 8-float (AVX2) or 16-float (AVX-512) vectors whatever the machine has (tests/test_conv.py runs
+the other target's blocks this way).
 
 The calls (`conv_forward`, `conv_weight_grad`) are stride-1 NHWC/HWIO float32 convolutions whose output channels
-are a multiple of 16; fcnjax.conv decides which convolutions meet that and are worth it.
+are a multiple of 16; fcnjax.ops.conv decides which convolutions meet that and are worth it.
 """
 from __future__ import annotations
 
@@ -37,36 +39,42 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
 SOURCE = pathlib.Path(__file__).with_name("native_conv.cc")
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
-# Tiling, measured with benchmarks/conv_layers.py on a 2-core Xeon (AVX-512) and a 2-core EPYC (AVX2): the bytes of
-# weights that one pass of the forward kernel reads (they stay in L1/L2; it sets the input channels per pass, 32
-# with AVX-512's 64-channel blocks and 128 with AVX2's 16-channel ones for 3x3 kernels, the best on each machine),
-# output pixels per forward task (narrow maps group rows, so each weight block is read by more pixels), the bytes of
-# x and dy that a weight-gradient block reads (they stay in L2 for every tap; it sets the rows per block).
+COMPILER_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+# Tiling (figures from benchmarks/conv_layers.py, batch 2):
+# - FORWARD_PANEL_BYTES: the weights that one pass of the forward kernel reads, which stay in L1/L2. It sets the
+#   input channels per pass; for 3x3 kernels, AVX-512 builds (64-channel blocks) take 32 and AVX2 builds
+#   (16-channel blocks) 128, the fastest on a 2-core Xeon (AVX-512) and a 2-core EPYC (AVX2) respectively.
+# - FORWARD_PIXELS_PER_TASK: output pixels per forward task; narrow maps group rows, so that each weight block is
+#   read by more pixels.
+# - WEIGHT_GRAD_BLOCK_BYTES: the bytes of x and dy that a weight-gradient block reads, which stay in L2 for every
+#   tap; it sets the rows per block.
 FORWARD_PANEL_BYTES = 72 * 1024
 FORWARD_PIXELS_PER_TASK = 224
 WEIGHT_GRAD_BLOCK_BYTES = 256 * 1024
-# Winograd's F(2x2, 3x3), measured on the EPYC (forward ms, batch 2, against the direct kernel's): its kernel
-# transform U is 16 x cin x cout floats. Up to WINOGRAD_LOCAL_KERNEL_BYTES of U (256 -> 256 channels), each task
-# transforms, multiplies and transforms back a chunk of tiles whose transformed input and output fill about
-# WINOGRAD_LOCAL_CHUNK_BYTES (they stay in L2; 224x224x64: 22 vs 41 ms; chunks of 4 MiB shared by the threads gave
-# 25-48 ms, depending on the machine's other load). A bigger U is read from memory once per chunk, so there the
-# chunks hold at least U's bytes of tiles (WINOGRAD_CHUNK_BYTES at least) and the threads share each chunk's products
-# (28x28, 512 -> 512: 23 vs 43 ms; 2048 -> 512: 85 vs 175 ms; chunks of L2's size: 40 and 191 ms). A pass of the
-# products reads about WINOGRAD_PANEL_BYTES of U (32-72 KiB: within 5%; 8 KiB: 1.3x slower). Below
-# WINOGRAD_MIN_IN_CHANNELS the transforms cost what the products save (16 -> 16 at 64x64: 2.0 vs 1.9 ms).
+# Winograd's F(2x2, 3x3) schedule (forward ms, batch 2, against the direct kernel's, on a 2-core EPYC, AVX2). Its
+# kernel transform U is 16 x cin x cout floats.
+# - Up to WINOGRAD_LOCAL_KERNEL_BYTES of U (256 -> 256 channels), each task transforms, multiplies and transforms
+#   back a chunk of tiles whose transformed input and output fill about WINOGRAD_LOCAL_CHUNK_BYTES, which stay in
+#   L2 (224x224x64: 22 vs 41 ms; chunks of 4 MiB shared by the threads take 25-48 ms, depending on the machine's
+#   other load).
+# - A bigger U is read from memory once per chunk, so there the chunks hold at least U's bytes of tiles
+#   (WINOGRAD_CHUNK_BYTES at least) and the threads share each chunk's products (28x28, 512 -> 512: 23 vs 43 ms;
+#   2048 -> 512: 85 vs 175 ms; chunks of L2's size: 40 and 191 ms).
+# - A pass of the products reads about WINOGRAD_PANEL_BYTES of U (32-72 KiB: within 5%; 8 KiB: 1.3x slower).
+# - Below WINOGRAD_MIN_IN_CHANNELS the transforms cost what the products save (16 -> 16 at 64x64: 2.0 vs 1.9 ms).
 WINOGRAD_CHUNK_BYTES = 4 << 20
 WINOGRAD_PANEL_BYTES = 72 * 1024
 WINOGRAD_LOCAL_KERNEL_BYTES = 4 << 20
 WINOGRAD_LOCAL_CHUNK_BYTES = 256 << 10
 WINOGRAD_MIN_IN_CHANNELS = 32
 CHANNEL_MULTIPLE = 16  # output channels come in 16-float vectors
-_TARGETS = {"fcnjax_conv_forward": "ConvForward", "fcnjax_conv_weight_grad": "ConvWeightGrad"}
+# XLA custom-call target -> the library's FFI handler.
+_FFI_HANDLERS = {"fcnjax_conv_forward": "ConvForward", "fcnjax_conv_weight_grad": "ConvWeightGrad"}
 
 
-def _flags() -> tuple[str, ...]:
+def _compiler_flags() -> tuple[str, ...]:
   lanes = os.environ.get("FCNJAX_NATIVE_LANES")
-  return FLAGS + ((f"-DFCNJAX_LANES={int(lanes)}",) if lanes else ())
+  return COMPILER_FLAGS + ((f"-DFCNJAX_LANES={int(lanes)}",) if lanes else ())
 
 
 def _compiler() -> str | None:
@@ -90,7 +98,7 @@ def _cache_dir() -> pathlib.Path:
 def library_path(compiler: str) -> pathlib.Path:
   """Where the library for this source, compiler, jaxlib and CPU is (or will be) cached."""
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-  key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *_flags(), jaxlib.__version__,
+  key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *_compiler_flags(), jaxlib.__version__,
                                   _cpu_features()]).encode()).hexdigest()[:16]
   return _cache_dir() / f"native_conv-{key}.so"
 
@@ -102,7 +110,7 @@ def build(compiler: str, target: pathlib.Path) -> None:
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
   os.close(fd)
   try:
-    subprocess.run([compiler, *_flags(), f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp], check=True,
+    subprocess.run([compiler, *_compiler_flags(), f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp], check=True,
                    capture_output=True, text=True)
     os.replace(tmp, target)
   finally:
@@ -151,7 +159,7 @@ def _loaded() -> bool:
     warnings.warn(f"fcnjax: could not build or load {SOURCE.name} with {compiler}; convolutions on CPU use XLA's "
                   f"own forms. {detail[-2000:]}")
     return False
-  for name, symbol in _TARGETS.items():
+  for name, symbol in _FFI_HANDLERS.items():
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
   return True
 
@@ -170,13 +178,13 @@ def supports(dtype, out_channels: int, strides) -> bool:
           and tuple(strides) == (1, 1))
 
 
-def _require() -> None:
+def _require_loaded() -> None:
   if not _loaded():
     raise RuntimeError("fcnjax.ops.native: the C++ kernels are not available (their build failed: see the warning "
                        "above); fcnjax.ops.conv falls back to XLA's forms by itself")
 
 
-def winograd(kernel_shape, flip: bool = False) -> bool:
+def supports_winograd(kernel_shape, flip: bool = False) -> bool:
   """Whether conv_forward(..., flip, by_winograd=True) takes this kernel: 3x3, and input channels (of the
   convolution it computes) a multiple of 16 and at least WINOGRAD_MIN_IN_CHANNELS. FCNJAX_WINOGRAD=0 says no."""
   cin = kernel_shape[3 if flip else 2]
@@ -185,15 +193,15 @@ def winograd(kernel_shape, flip: bool = False) -> bool:
 
 
 def _forward_call(x, kernel, pads, dilation, flip, by_winograd):
-  _require()
+  _require_loaded()
   n, h, w, _ = x.shape
   kh, kw = kernel.shape[:2]
   cout = kernel.shape[2 if flip else 3]
   (top, bottom), (left, right) = pads
   out_h = h + top + bottom - (kh - 1) * dilation[0]
   out_w = w + left + right - (kw - 1) * dilation[1]
-  if by_winograd and not winograd(kernel.shape, flip):
-    raise ValueError(f"fcnjax.native: Winograd's F(2x2, 3x3) does not take a {kernel.shape} kernel (flip={flip})")
+  if by_winograd and not supports_winograd(kernel.shape, flip):
+    raise ValueError(f"fcnjax.ops.native: Winograd's F(2x2, 3x3) does not take a {kernel.shape} kernel (flip={flip})")
   call = jax.ffi.ffi_call("fcnjax_conv_forward", jax.ShapeDtypeStruct((n, out_h, out_w, cout), x.dtype))
   return call(x, kernel, pad_top=np.int64(top), pad_left=np.int64(left), dil_h=np.int64(dilation[0]),
               dil_w=np.int64(dilation[1]), flip=np.int64(flip),
@@ -205,7 +213,7 @@ def _forward_call(x, kernel, pads, dilation, flip, by_winograd):
 
 
 def _weight_grad_call(x, dy, kernel_shape, pads, dilation):
-  _require()
+  _require_loaded()
   (top, _), (left, _) = pads
   call = jax.ffi.ffi_call("fcnjax_conv_weight_grad", jax.ShapeDtypeStruct(tuple(kernel_shape), x.dtype))
   return call(x, dy, pad_top=np.int64(top), pad_left=np.int64(left), dil_h=np.int64(dilation[0]),
@@ -295,7 +303,7 @@ def conv_forward(x: jax.Array, kernel: jax.Array, pads, dilation, flip: bool = F
   """The stride-1 convolution of x (n, h, w, cin) with kernel (kh, kw, cin, cout); pads ((top, bottom),
   (left, right)) may be negative (as lax's). flip: convolve with the kernel (kh, kw, cout, cin) turned by 180
   degrees and its channel axes swapped instead (the input gradient of a convolution, for x = its dy).
-  by_winograd: by Winograd's F(2x2, 3x3) instead of the direct kernel (only where `winograd` says it can)."""
+  by_winograd: by Winograd's F(2x2, 3x3) instead of the direct kernel (only where `supports_winograd` says so)."""
   return _vmappable_forward(tuple(map(tuple, pads)), tuple(dilation), bool(flip), bool(by_winograd))(x, kernel)
 
 

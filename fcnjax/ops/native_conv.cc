@@ -1,5 +1,5 @@
-// fcnjax's direct convolution kernels for XLA:CPU, called through the XLA FFI (fcnjax/native.py builds this file
-// with the machine's C++ compiler on first use; fcnjax/conv.py decides which convolutions use it).
+// fcnjax's direct convolution kernels for XLA:CPU, called through the XLA FFI (fcnjax/ops/native.py builds this
+// file with the machine's C++ compiler on first use; fcnjax/ops/conv.py decides which convolutions use it).
 //
 // Stride-1 convolutions of NHWC float32 maps with HWIO kernels, any kernel size, padding and dilation:
 // - ConvForward: y = conv(x, kernel). With flip = 1 also the input gradient: the forward convolution of dy with the
@@ -7,7 +7,7 @@
 //   kernel's convolution by Winograd's F(2x2, 3x3) instead (winograd_forward): 2.25x fewer multiply-adds.
 // - ConvWeightGrad: d(kernel) = sum over output pixels of x(tap) outer dy.
 // Both keep a block of results in vector registers and stream the other operands past it, the way oneDNN's direct
-// kernels do; XLA:CPU's own convolution ran these layers at 60-90% of PyTorch's speed (docs/performance.md). The
+// kernels do; XLA:CPU's own convolution runs these layers at 60-90% of PyTorch's speed (docs/performance.md). The
 // vector type is GCC's generic one, so the file builds for any x86/ARM target; -march=native picks the units. The
 // blocks are sized for the registers the target has: with AVX-512 (32 registers of 16 floats) 7 or 6 pixels x 64
 // channels for the forward pass and 6 input x 64 output channels for the weight gradient; otherwise (AVX2: 16
@@ -40,10 +40,10 @@ constexpr int kVectors = kLanes == 16 ? 4 : 2;
 constexpr int kBlockChannels = kLanes * kVectors;
 
 typedef float vec __attribute__((vector_size(4 * kLanes)));
-typedef float vecu __attribute__((vector_size(4 * kLanes), aligned(4)));
+typedef float vec_unaligned __attribute__((vector_size(4 * kLanes), aligned(4)));
 
-inline vec load(const float* p) { return *reinterpret_cast<const vecu*>(p); }
-inline void store(float* p, vec v) { *reinterpret_cast<vecu*>(p) = v; }
+inline vec load(const float* p) { return *reinterpret_cast<const vec_unaligned*>(p); }
+inline void store(float* p, vec v) { *reinterpret_cast<vec_unaligned*>(p) = v; }
 template <size_t... lane>
 inline vec bcast_lanes(float s, std::index_sequence<lane...>) {
   return vec{((void)lane, s)...};  // (vec{} + s would add a zero first: 0 + s is not s for s = -0)
@@ -51,7 +51,7 @@ inline vec bcast_lanes(float s, std::index_sequence<lane...>) {
 inline vec bcast(float s) { return bcast_lanes(s, std::make_index_sequence<kLanes>()); }
 
 // A float buffer of at least n elements, taken from (and given back to) a process-wide pool. Fresh multi-MiB
-// allocations are mapped anew by malloc on every call and page-faulted in as they are written: that cost 10-40 ms
+// allocations are mapped anew by malloc on every call and page-faulted in as they are written: that costs 10-40 ms
 // per call for a 3x3x1024x512 kernel's flipped copy. The pool keeps one buffer per concurrent user, grown to the
 // largest size asked for, for the life of the process.
 class Scratch {
@@ -141,8 +141,8 @@ struct BlockedMap {
 };
 
 // Maps with at least this many channels are blocked: in NHWC a pixel's channels are then >= 512 bytes from the
-// next pixel's, and at 512 channels (2 KiB) the pixels that a kernel block reads all fell in 2 of L1's 64 sets and
-// came from L2 again and again (1.1-1.5x slower at 28x28x512, 2x at 2048 channels).
+// next pixel's, and at 512 channels (2 KiB) the pixels that a kernel block reads all fall in 2 of L1's 64 sets and
+// come from L2 again and again (unblocked: 1.1-1.5x slower at 28x28x512, 2x at 2048 channels).
 constexpr int64_t kMinBlockedChannels = 128;
 
 // src (rows, w, channels) blocked by `block` channels (BlockedMap) into `storage` when it has kMinBlockedChannels
@@ -572,7 +572,7 @@ void weight_grad(ffi::ThreadPool& pool, const Geometry& g, const float* x_nhwc, 
   BlockedMap dy = block_channels(pool, dy_nhwc, g.n * g.oh, g.ow, g.cout, kBlockChannels, dy_storage);
   // As many rows per block as fit about block_bytes of the x and dy that a block of d(kernel) reads: each block
   // loads and stores every tile of d(kernel) once, and on small maps with many channels (28x28x512) those
-  // strided tiles, not the FMAs, took most of the time with 4 rows (112 pixels) per block.
+  // strided tiles, not the FMAs, take most of the time with 4 rows (112 pixels) per block.
   int64_t rows_per_block = std::max<int64_t>(1, block_bytes / (g.ow * (x.stride(0) + dy.stride(0)) * 4));
   int64_t rows = g.n * g.oh;
   int64_t size = g.kh * g.kw * g.cin * g.cout;
@@ -609,10 +609,10 @@ void weight_grad(ffi::ThreadPool& pool, const Geometry& g, const float* x_nhwc, 
 // The kernel as the forward pass reads it: per block of output channels [co0, co0 + width) (kBlockChannels wide, the
 // last one narrower), a panel (kh, kw, cin, width) at packed + co0 * kh * kw * cin, so a block streams through
 // contiguous weights. In HWIO, a weight row is cout floats apart; at 512 channels (2 KiB), the rows that a block
-// reads all fell in 2 of L1's 64 sets and were fetched from L2 again and again (1.5x slower than XLA at 28x28x512).
-// With flip, kernel is (kh, kw, cout, cin) and the panels hold it turned by 180 degrees, channel axes swapped: the
-// kernel whose forward convolution of dy is the input gradient. One task per block and tap; with flip in 8 x 8
-// tiles, as the source's rows are cin floats apart.
+// reads all fall in 2 of L1's 64 sets and are fetched from L2 again and again (unpacked: 1.5x slower than XLA at
+// 28x28x512). With flip, kernel is (kh, kw, cout, cin) and the panels hold it turned by 180 degrees, channel axes
+// swapped: the kernel whose forward convolution of dy is the input gradient. One task per block and tap; with flip
+// in 8 x 8 tiles, as the source's rows are cin floats apart.
 void pack_kernel(ffi::ThreadPool& pool, const float* kernel, int64_t kh, int64_t kw, int64_t cin, int64_t cout,
                  bool flip, float* packed) {
   int64_t taps = kh * kw, blocks = (cout + kBlockChannels - 1) / kBlockChannels;
@@ -694,7 +694,7 @@ static auto WindowCallBinding() {
       .Attr<int64_t>("dil_w");
 }
 
-// Floats per vector in this build (fcnjax.native.vector_lanes): fcnjax.conv picks some forms by it.
+// Floats per vector in this build (fcnjax.ops.native.vector_lanes): fcnjax.ops.conv picks some forms by it.
 extern "C" int FcnjaxVectorLanes() { return kLanes; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvForward, ConvForwardImpl,

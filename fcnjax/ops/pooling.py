@@ -30,7 +30,7 @@ def max_pool(x: Array, window: PairLike, stride: PairLike | None = None, padding
 
 
 # Written as a maximum over the window's taps, with its own gradient: JAX's gradient of reduce_window (value and
-# index pairs through select_and_gather_add) took 74 ms for a 2x2 pool of a 224x224x64 batch of two on XLA:CPU,
+# index pairs through select_and_gather_add) takes 74 ms for a 2x2 pool of a 224x224x64 batch of two on XLA:CPU,
 # this one 3 ms, with the same values.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _max_pool(x, window, strides, pads):

@@ -20,6 +20,21 @@ def _source_scale(in_size: int, out_size: int, align_corners: bool) -> np.float3
   return np.float32(in_size / out_size)
 
 
+def _bilinear_rows(xp, in_size: int, dst, scale, align_corners: bool):
+  """(len(dst), in_size) bilinear weights of output positions `dst` (float32) given F.interpolate's float32 `scale`,
+  with its index arithmetic: each row holds 1 - lam at the source index i0 and lam at i1 = i0 + 1 (both clamped to
+  the last pixel). `xp` is numpy (static sizes) or jax.numpy (a traced scale); both give the same bits."""
+  if align_corners:
+    src = dst * scale
+  else:
+    src = xp.maximum(scale * (dst + xp.float32(0.5)) - xp.float32(0.5), xp.float32(0))
+  i0 = xp.minimum(xp.floor(src).astype(xp.int32), in_size - 1)
+  i1 = xp.minimum(i0 + 1, in_size - 1)
+  lam = src - i0.astype(xp.float32)
+  cols = xp.arange(in_size)
+  return (cols[None, :] == i0[:, None]) * (1 - lam)[:, None] + (cols[None, :] == i1[:, None]) * lam[:, None]
+
+
 def interpolation_matrix(in_size: int, out_size: int, method: str = "bilinear",
                          align_corners: bool = False) -> np.ndarray:
   """(out_size, in_size) matrix M such that resizing one axis is M @ x, with F.interpolate's index arithmetic.
@@ -28,27 +43,17 @@ def interpolation_matrix(in_size: int, out_size: int, method: str = "bilinear",
   """
   scale = _source_scale(in_size, out_size, align_corners)
   dst = np.arange(out_size, dtype=np.float32)
-  matrix = np.zeros((out_size, in_size), dtype=np.float32)
-  rows = np.arange(out_size)
   if method == "bilinear":
-    if align_corners:
-      src = dst * scale
-    else:
-      src = np.maximum(scale * (dst + np.float32(0.5)) - np.float32(0.5), np.float32(0))
-    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-    i1 = np.minimum(i0 + 1, in_size - 1)
-    lam = (src - i0).astype(np.float32)
-    np.add.at(matrix, (rows, i0), 1 - lam)
-    np.add.at(matrix, (rows, i1), lam)
-  elif method in ("nearest", "nearest-exact"):
+    return _bilinear_rows(np, in_size, dst, scale, align_corners)
+  if method in ("nearest", "nearest-exact"):
     if align_corners:
       raise ValueError("align_corners only applies to linear modes, as in PyTorch")
     offset = np.float32(0.5) if method == "nearest-exact" else np.float32(0)
     src = np.floor((dst + offset) * scale).astype(np.int64)
-    matrix[rows, np.minimum(src, in_size - 1)] = 1
-  else:
-    raise ValueError(f"unknown resize method {method!r}; expected 'bilinear', 'nearest' or 'nearest-exact'")
-  return matrix
+    matrix = np.zeros((out_size, in_size), dtype=np.float32)
+    matrix[np.arange(out_size), np.minimum(src, in_size - 1)] = 1
+    return matrix
+  raise ValueError(f"unknown resize method {method!r}; expected 'bilinear', 'nearest' or 'nearest-exact'")
 
 
 def resize(x: Array, size: PairLike, method: str = "bilinear", align_corners: bool = False) -> Array:
@@ -73,13 +78,7 @@ def bilinear_matrix_to_size(in_size: int, out_size: Array, canvas: int) -> Array
   """
   out_size = jnp.asarray(out_size)
   scale = jnp.float32(in_size) / out_size.astype(jnp.float32)
-  dst = jnp.arange(canvas, dtype=jnp.float32)
-  src = jnp.maximum(scale * (dst + 0.5) - 0.5, 0.0)
-  i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), in_size - 1)
-  i1 = jnp.minimum(i0 + 1, in_size - 1)
-  lam = src - i0.astype(jnp.float32)
-  cols = jnp.arange(in_size)
-  matrix = ((cols[None, :] == i0[:, None]) * (1 - lam)[:, None] + (cols[None, :] == i1[:, None]) * lam[:, None])
+  matrix = _bilinear_rows(jnp, in_size, jnp.arange(canvas, dtype=jnp.float32), scale, align_corners=False)
   return jnp.where((jnp.arange(canvas) < out_size)[:, None], matrix, 0.0)
 
 
