@@ -4,6 +4,9 @@ with one strip, several, and several plus a remainder strip; the native C++ kern
 use, and the native kernels on a batch sharded over 8 devices; which form each layer gets; and that every model
 convolution goes through fcnjax.ops.conv."""
 import collections
+import os
+import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -306,7 +309,7 @@ def test_native_build_failure_falls_back_with_a_warning(monkeypatch, tmp_path):
   monkeypatch.setenv("FCNJAX_CACHE_DIR", str(tmp_path))
   monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
   with pytest.warns(UserWarning, match="could not build or load native_conv.cc"):
-    assert native._loaded.__wrapped__() is False  # pylint: disable=protected-access
+    assert native._library.__wrapped__() is None  # pylint: disable=protected-access
   monkeypatch.setenv("FCNJAX_NATIVE", "0")
   assert native.available() is False
 
@@ -443,3 +446,66 @@ def test_every_model_convolution_goes_through_fcnjax_conv(name, options, image_s
   bypassing = collections.Counter(layers) - collections.Counter(routed)
   assert not bypassing, f"{name}: convolutions with these kernels bypass fcnjax.ops.conv: {dict(bypassing)}"
   assert routed == layers
+
+
+def test_kernel_cache_trusts_only_private_folders_and_files(tmp_path):
+  """A library that another user owns or can write would run as whoever loads it: such folders and files are
+  refused (untrusted_reason), and the cache folder is created 0700."""
+  fresh = tmp_path / "fresh"
+  assert native.untrusted_reason(fresh) is None and native._private_dir(fresh) == fresh  # pylint: disable=protected-access
+  assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o700
+  shared = tmp_path / "shared"
+  shared.mkdir()
+  os.chmod(shared, 0o777)
+  assert "writable by group and others" in native.untrusted_reason(shared)
+  with pytest.warns(UserWarning, match="not loading C.. kernels from .*shared"):
+    fallback = native._private_dir(shared)  # pylint: disable=protected-access
+  assert fallback != shared and native.untrusted_reason(fallback) is None
+  os.chmod(shared, 0o775)
+  assert "writable by its group" in native.untrusted_reason(shared)
+  planted = fresh / "native_conv-0000.so"
+  planted.write_bytes(b"not a library")
+  assert native.untrusted_reason(planted) is None
+  os.chown(planted, 65534, 65534)  # the tests run as root on CI: hand the file to `nobody`
+  if os.getuid() == 0:
+    assert "owned by uid 65534" in native.untrusted_reason(planted)
+  link = fresh / "link.so"
+  link.symlink_to(planted)
+  assert "symbolic link" in native.untrusted_reason(link)
+
+
+PLANTED_SCRIPT = textwrap.dedent("""
+    import warnings, jax.numpy as jnp
+    from fcnjax.ops import conv, native
+    x, k = jnp.ones((1, 8, 8, 16)), jnp.ones((3, 3, 16, 16))
+    y = conv.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=conv.NHWC_HWIO)
+    print("available", native.available(), float(y[0, 4, 4, 0]))
+""")
+
+
+@pytest.mark.slow
+def test_planted_library_is_not_loaded_and_concurrent_builds_work(tmp_path):
+  """A library planted under the expected name in a group-writable cache folder is never loaded (the kernels are
+  built privately instead); two processes building into one new cache at once both load a whole library."""
+  if shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None:
+    pytest.skip("no C++ compiler")
+  probe = subprocess.run([sys.executable, "-c", "from fcnjax.ops import native; "
+                          "print(native.library_path(native._compiler()).name)"],
+                         env=subprocess_env(1, FCNJAX_CACHE_DIR=str(tmp_path / "probe")), capture_output=True,
+                         text=True, check=True)
+  shared = tmp_path / "shared"
+  shared.mkdir()
+  os.chmod(shared, 0o777)
+  planted = shared / probe.stdout.strip()
+  planted.write_bytes(b"planted: not a library")
+  together = tmp_path / "together"
+  runs = [subprocess.Popen([sys.executable, "-c", PLANTED_SCRIPT], env=subprocess_env(1, FCNJAX_CACHE_DIR=str(d)),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for d in (shared, together, together)]
+  outputs = [run.communicate(timeout=600) for run in runs]
+  for run, (out, err) in zip(runs, outputs):
+    assert run.returncode == 0 and "available True 144.0" in out, (out, err[-3000:])
+  assert "not loading C++ kernels from" in outputs[0][1] and str(shared) in outputs[0][1]
+  assert planted.read_bytes() == b"planted: not a library"
+  assert [p.name for p in together.iterdir()] == [planted.name]
+  assert stat.S_IMODE(os.stat(together).st_mode) == 0o700

@@ -4,7 +4,8 @@ The kernels are compiled with the machine's C++ compiler (`$CXX`, else c++ or g+
 units (-march=native), against the FFI headers that jaxlib ships, into a cache folder (`$FCNJAX_CACHE_DIR`, else
 ~/.cache/fcnjax). The library's name holds a hash of the source, the compiler, its flags, jaxlib's version and the
 CPU's features, so a changed source, toolchain or machine builds anew and a shared cache never serves a library
-built for another CPU. Without a compiler, or when the build fails, fcnjax warns once and every convolution keeps
+built for another CPU. The folder is created private (0700); a folder or library that another user owns or can
+write is never loaded from (fcnjax warns and builds into a private temporary folder instead). Without a compiler, or when the build fails, fcnjax warns once and every convolution keeps
 the pure-XLA forms (fcnjax.ops.conv).
 
 Switches: FCNJAX_NATIVE=0 turns the kernels off for the process (for comparisons and debugging); `kernels_enabled`
@@ -26,6 +27,7 @@ import hashlib
 import os
 import pathlib
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -95,12 +97,46 @@ def _cache_dir() -> pathlib.Path:
   return pathlib.Path(os.environ.get("FCNJAX_CACHE_DIR") or pathlib.Path.home() / ".cache" / "fcnjax")
 
 
+def untrusted_reason(path: pathlib.Path) -> str | None:
+  """Why a cache folder or library is not safe to load code from, or None when it is: it must be owned by this
+  user and writable by no one else (a library another user could write or replace would run as every user who
+  loads it). A folder that does not exist yet is created private, so it is safe."""
+  try:
+    info = os.lstat(path)
+  except FileNotFoundError:
+    return None
+  if stat.S_ISLNK(info.st_mode):
+    return f"{path} is a symbolic link"
+  if info.st_uid != os.getuid():
+    return f"{path} is owned by uid {info.st_uid}, not by this user (uid {os.getuid()})"
+  if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    return f"{path} is writable by {'group and others' if info.st_mode & stat.S_IWOTH else 'its group'}"
+  return None
+
+
+def _private_dir(path: pathlib.Path) -> pathlib.Path:
+  """`path`, created with mode 0700 where missing; a private temporary folder instead (with a warning) where `path`
+  is not safe (untrusted_reason)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  try:
+    path.mkdir(mode=0o700)
+  except FileExistsError:
+    pass
+  reason = untrusted_reason(path)
+  if reason is None:
+    return path
+  fallback = pathlib.Path(tempfile.mkdtemp(prefix="fcnjax-kernels-"))  # 0700, this process's alone
+  warnings.warn(f"fcnjax: not loading C++ kernels from {path}: {reason}; building them into {fallback} instead "
+                "(set FCNJAX_CACHE_DIR to a folder only you can write)")
+  return fallback
+
+
 def library_path(compiler: str) -> pathlib.Path:
   """Where the library for this source, compiler, jaxlib and CPU is (or will be) cached."""
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
   key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *_compiler_flags(), jaxlib.__version__,
                                   _cpu_features()]).encode()).hexdigest()[:16]
-  return _cache_dir() / f"native_conv-{key}.so"
+  return _private_dir(_cache_dir()) / f"native_conv-{key}.so"
 
 
 def build(compiler: str, target: pathlib.Path) -> None:
@@ -112,6 +148,7 @@ def build(compiler: str, target: pathlib.Path) -> None:
   try:
     subprocess.run([compiler, *_compiler_flags(), f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp], check=True,
                    capture_output=True, text=True)
+    os.chmod(tmp, 0o755)  # whatever the umask: a library others can write would not be loaded (untrusted_reason)
     os.replace(tmp, target)
   finally:
     if os.path.exists(tmp):
@@ -142,15 +179,24 @@ def available() -> bool:
   return _ENABLED.get() and os.environ.get("FCNJAX_NATIVE", "1") != "0" and _loaded()
 
 
-@functools.cache
 def _loaded() -> bool:
+  return _library() is not None
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+  """The built library, loaded and registered with XLA (built on the first call); None where it cannot be."""
   compiler = _compiler()
   if compiler is None:
     warnings.warn("fcnjax: no C++ compiler found ($CXX, c++, g++); convolutions on CPU use XLA's own forms, "
                   "which train slower (docs/performance.md)")
-    return False
+    return None
   try:
     path = library_path(compiler)
+    reason = untrusted_reason(path)
+    if reason is not None:
+      path = pathlib.Path(tempfile.mkdtemp(prefix="fcnjax-kernels-")) / path.name  # 0700, this process's alone
+      warnings.warn(f"fcnjax: not loading {reason}; building the C++ kernels into {path.parent} instead")
     if not path.exists():
       build(compiler, path)
     library = ctypes.cdll.LoadLibrary(str(path))
@@ -158,10 +204,10 @@ def _loaded() -> bool:
     detail = getattr(error, "stderr", "") or str(error)
     warnings.warn(f"fcnjax: could not build or load {SOURCE.name} with {compiler}; convolutions on CPU use XLA's "
                   f"own forms. {detail[-2000:]}")
-    return False
+    return None
   for name, symbol in _FFI_HANDLERS.items():
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-  return True
+  return library
 
 
 @functools.cache
@@ -169,7 +215,7 @@ def vector_lanes() -> int:
   """Floats per vector register the built kernels use: 16 (AVX-512) or 8 (AVX2 and others); 0 without them."""
   if os.environ.get("FCNJAX_NATIVE", "1") == "0" or not _loaded():
     return 0
-  return int(ctypes.cdll.LoadLibrary(str(library_path(_compiler()))).FcnjaxVectorLanes())
+  return int(_library().FcnjaxVectorLanes())
 
 
 def supports(dtype, out_channels: int, strides) -> bool:
