@@ -33,8 +33,11 @@ def main(argv=None) -> int:
     state_dict = load_state_dict(args.pth)
     variables = get_converter(args.arch)(state_dict, source=args.pth)
     out = save_variables(args.out, variables, overwrite=args.overwrite)
-  except (ConversionError, FileExistsError) as e:
+  except ConversionError as e:
     print(f"error: {e}", file=sys.stderr)
+    return 1
+  except FileExistsError:
+    print(f"error: {args.out} already exists; add --overwrite to replace it", file=sys.stderr)
     return 1
   print(f"converted {args.pth} ({args.arch}, {len(state_dict)} tensors in the state_dict)")
   for collection, tree in variables.items():

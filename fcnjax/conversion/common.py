@@ -1,6 +1,8 @@
 """Shared pieces of the torchvision converters: loading a .pth and checking its keys and shapes by name."""
 from __future__ import annotations
 
+import os
+import zipfile
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
@@ -16,6 +18,10 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     import torch  # Only the converter needs torch: `pip install -e .[convert]`.
   except ImportError as e:
     raise ImportError("reading .pth files needs PyTorch: pip install -e '.[convert]'") from e
+  if not os.path.isfile(path):
+    raise ConversionError(f"{path}: no such file")
+  if not (zipfile.is_zipfile(path) or _starts_like_a_pickle(path)):
+    raise ConversionError(f"{path}: not a file written by torch.save (neither its zip format nor a legacy pickle)")
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises many types for corrupt files; name the file.
@@ -26,6 +32,12 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   if not isinstance(obj, Mapping):
     raise ConversionError(f"{path}: expected a state_dict (a mapping of names to tensors), got {type(obj).__name__}")
   return {k: v.detach().cpu().numpy() for k, v in obj.items() if hasattr(v, "detach")}
+
+
+def _starts_like_a_pickle(path: str) -> bool:
+  """Legacy torch.save files are pickles, which start with the PROTO opcode 0x80 (protocol 2 and later)."""
+  with open(path, "rb") as f:
+    return f.read(1) == b"\x80"
 
 
 def check_keys(state_dict: Mapping[str, Any], expected_shapes: Mapping[str, tuple[int, ...]], *,

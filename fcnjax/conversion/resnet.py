@@ -6,7 +6,8 @@ the same state_dict.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping
+import collections
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -94,15 +95,17 @@ def _numpy(value: Any) -> np.ndarray:
   return np.asarray(value, dtype=np.float32)
 
 
-def _leading_dim(state_dict: Mapping[str, Any], key: str, default: int) -> int:
-  """The class count read from a head's weight; a missing or scalar one falls back so check_keys can name it."""
-  shape = np.shape(state_dict[key]) if key in state_dict else ()
-  return int(shape[0]) if len(shape) else default
+def class_count(state_dict: Mapping[str, Any], keys: Sequence[str], default: int) -> int:
+  """The number of classes most of the head tensors `keys` agree on (their leading dimension; the first key's on a
+  tie), so that one damaged tensor is named by check_keys as mis-shaped instead of the ones that fit; `default`
+  when none is there."""
+  counts = [int(np.shape(state_dict[k])[0]) for k in keys if k in state_dict and np.ndim(state_dict[k])]
+  return collections.Counter(counts).most_common(1)[0][0] if counts else default
 
 
 def convert_resnet50(state_dict: Mapping[str, Any], *, source: str = "state_dict") -> dict[str, dict]:
   """torchvision resnet50 state_dict -> variables for fcnjax's 'resnet50' (num_classes read from fc.weight)."""
-  num_classes = _leading_dim(state_dict, "fc.weight", 1000)
+  num_classes = class_count(state_dict, ("fc.weight", "fc.bias"), 1000)
   layers = list(resnet50_trunk_layers("", ("backbone",)))
   layers.append(("fc", ("fc",), "linear", (num_classes, 512 * EXPANSION)))
   check_keys(state_dict, expected_shapes(layers), source=f"{source} (torchvision resnet50)",
@@ -127,7 +130,8 @@ def convert_fcn_resnet50(state_dict: Mapping[str, Any], *, aux_loss: bool | None
                           "aux_loss=False")
   if not aux_loss:
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith("aux_classifier.")}
-  num_classes = _leading_dim(state_dict, "classifier.4.weight", 21)
+  num_classes = class_count(state_dict, [f"{head}.4.{leaf}" for head in ("classifier", "aux_classifier")
+                                         for leaf in ("weight", "bias")], 21)
   layers = list(resnet50_trunk_layers("backbone.", ("backbone",)))
   layers += fcn_head_layers("classifier", "classifier", 512 * EXPANSION, num_classes)
   if aux_loss:
