@@ -51,7 +51,7 @@ def define_run_inference_flags() -> None:
   flags.DEFINE_bool("flip_tta", False, "Average with the horizontally flipped prediction.")
 
 
-def predictor_options() -> dict:
-  """The Predictor's options from the flags of define_run_inference_flags."""
+def segmenter_options() -> dict:
+  """The Segmenter's options from the flags of define_run_inference_flags."""
   f = flags.FLAGS
   return dict(tile=f.tile, tile_margin=f.tile_margin, blend=f.blend, flip_tta=f.flip_tta)

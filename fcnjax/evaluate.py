@@ -13,7 +13,8 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from fcnjax import cli, data, evaluation, inference, metrics, parallel, reporting, runs
+from fcnjax import cli, data, evaluation, metrics, parallel, reporting, runs
+from fcnjax.segmenter import Segmenter
 
 cli.define_run_inference_flags()
 config_flags.DEFINE_config_file("config", None, "Optional config whose data section replaces the run's.")
@@ -28,8 +29,8 @@ def main(argv):
     config.data = FLAGS.config.data
   info = data.dataset_info(config.data)
   if FLAGS.tile or info.binary:
-    predictor = inference.Predictor(config.data, model, variables, **cli.predictor_options())
-    confusion, challenge = evaluation.evaluate_per_image(predictor, info)
+    segmenter = Segmenter(model, variables, config.data, **cli.segmenter_options())
+    confusion, challenge = evaluation.evaluate_per_image(segmenter, info)
   else:
     confusion, challenge = evaluation.evaluate_batched(config, model, variables), {}
   summary = metrics.summarize(confusion, info.class_names)

@@ -14,8 +14,9 @@ import jax
 import numpy as np
 from absl import logging
 
-from fcnjax import data, inference, metrics, parallel, steps, visualize
+from fcnjax import data, metrics, parallel, steps, visualize
 from fcnjax.data import sources
+from fcnjax.segmenter import Segmenter
 
 
 def make_eval_step(model, info: data.DatasetInfo, mesh):
@@ -68,17 +69,17 @@ def evaluate_batched(config, model, variables) -> np.ndarray:
   return confusion_over(eval_step, variables, eval_data, batch_sharding, num_scored_classes(info))
 
 
-def evaluate_per_image(predictor: inference.Predictor, info: data.DatasetInfo) -> tuple[np.ndarray, dict]:
+def evaluate_per_image(segmenter: Segmenter, info: data.DatasetInfo) -> tuple[np.ndarray, dict]:
   """Per-image inference (whole or tiled) on the host: the confusion matrix and, for binary data, the
   challenge metrics (pixel error, foreground IoU / Dice, Rand error) over the whole validation stack."""
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  split = sources.load_split(predictor.data_config, "validation")
+  split = sources.load_split(segmenter.data_config, "validation")
   num_classes = num_scored_classes(info)
   confusion = np.zeros((num_classes, num_classes), np.int64)
   predictions, truths = [], []
   for i in tqdm(range(len(split.examples)), desc="evaluate", unit="image"):
     example = split.examples[i]
-    prediction = predictor.labels(example["image"])
+    prediction = segmenter.labels(example["image"])
     confusion += np.asarray(metrics.confusion_matrix(prediction[None], example["mask"][None].astype(np.int32),
                                                      num_classes, info.ignore_index), np.int64)
     if info.binary:
@@ -88,15 +89,15 @@ def evaluate_per_image(predictor: inference.Predictor, info: data.DatasetInfo) -
   return confusion, challenge
 
 
-def write_validation_predictions(predictor: inference.Predictor, out_dir: str, count: int) -> int:
+def write_validation_predictions(segmenter: Segmenter, out_dir: str, count: int) -> int:
   """PNGs (mask, overlay, image | prediction | ground truth) of the first `count` validation examples."""
-  split = sources.load_split(predictor.data_config, "validation")
+  split = sources.load_split(segmenter.data_config, "validation")
   written = 0
   for i in range(min(count, len(split.examples))):
     example = split.examples[i]
     name = split.examples.name(i) if hasattr(split.examples, "name") else f"{i:04d}"
     visualize.write_prediction(out_dir, os.path.splitext(os.path.basename(str(name)))[0], example["image"],
-                               predictor.labels(example["image"]), example["mask"],
-                               predictor.data_config.ignore_index)
+                               segmenter.labels(example["image"]), example["mask"],
+                               segmenter.data_config.ignore_index)
     written += 1
   return written

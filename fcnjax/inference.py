@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcnjax import data, metrics, ops, steps
+from fcnjax import metrics, ops, steps
 
 
 def make_predict_fn(apply_fn: Callable) -> Callable:
@@ -98,28 +98,3 @@ def predict_tiled(predict_fn, variables, image: np.ndarray, tile_size: int, marg
 def predict_labels(logits: np.ndarray) -> np.ndarray:
   """(H, W, C) logits -> uint8 class ids, as the evaluation scores them (metrics.predictions)."""
   return np.asarray(metrics.predictions(jnp.asarray(logits)[None])[0]).astype(np.uint8)
-
-
-class Predictor:
-  """A model and its variables as a function of one image: uint8 (H, W, 3) of any size -> logits or class ids at
-  that size, normalised as the run's data config says, whole-image or overlap-tile. Compiles once per input shape
-  (once in all with tiles)."""
-
-  def __init__(self, data_config, model, variables, tile: int = 0, tile_margin: int = -1, blend: bool = False,
-               flip_tta: bool = False):
-    self.data_config = data.resolve(data_config)
-    self.variables = variables
-    self.predict_fn = make_predict_fn(model.apply)
-    self.tile, self.blend, self.flip_tta = tile, blend, flip_tta
-    self.tile_margin = tile // 8 if tile_margin < 0 else tile_margin
-
-  def logits(self, image: np.ndarray) -> np.ndarray:
-    normalized = data.normalize(image, self.data_config)
-    if self.tile:
-      return predict_tiled(self.predict_fn, self.variables, normalized, self.tile, self.tile_margin,
-                           blend=self.blend, flip_tta=self.flip_tta)
-    return predict_whole(self.predict_fn, self.variables, normalized,
-                         input_size=self.data_config.eval_size or None, flip_tta=self.flip_tta)
-
-  def labels(self, image: np.ndarray) -> np.ndarray:
-    return predict_labels(self.logits(image))

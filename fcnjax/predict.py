@@ -10,7 +10,8 @@ import os
 from absl import app, flags
 from tqdm.auto import tqdm
 
-from fcnjax import cli, data, inference, runs, visualize
+from fcnjax import cli, data, runs, visualize
+from fcnjax.segmenter import Segmenter
 
 cli.define_run_inference_flags()
 flags.DEFINE_string("images", None, "Folder of images to segment.", required=True)
@@ -22,17 +23,17 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   config, model, variables, step = runs.load_run(FLAGS.workdir, FLAGS.checkpoint)
-  predictor = inference.Predictor(config.data, model, variables, **cli.predictor_options())
+  segmenter = Segmenter(model, variables, config.data, **cli.segmenter_options())
   paths = data.list_images(FLAGS.images)
   if not paths:
     raise app.UsageError(f"no images found in {FLAGS.images}")
   for path in tqdm(paths, desc="predict", unit="image"):
     image = data.read_image(path)
     mask_path = data.find_mask(FLAGS.masks, path)
-    ground_truth = data.read_mask(mask_path, predictor.data_config.mask_mode) if mask_path else None
+    ground_truth = data.read_mask(mask_path, segmenter.data_config.mask_mode) if mask_path else None
     name = os.path.splitext(os.path.basename(path))[0]
-    visualize.write_prediction(FLAGS.out, name, image, predictor.labels(image), ground_truth,
-                               predictor.data_config.ignore_index)
+    visualize.write_prediction(FLAGS.out, name, image, segmenter.labels(image), ground_truth,
+                               segmenter.data_config.ignore_index)
   print(f"wrote predictions for {len(paths)} images (checkpoint step {step}) to {FLAGS.out}")
 
 

@@ -19,8 +19,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fcnjax import checkpoint, data, evaluation, inference, metrics, models, optim, parallel, plots, reporting, steps
+from fcnjax import checkpoint, data, evaluation, metrics, models, optim, parallel, plots, reporting, steps
 from fcnjax.ops import native
+from fcnjax.segmenter import Segmenter
 
 BINARY_LOSSES = ("bce", "bce+dice", "dice")
 MULTICLASS_LOSSES = ("cross_entropy", "ce+dice", "dice")
@@ -302,6 +303,6 @@ def _finish(config, workdir: str, state) -> None:
   plots.plot_training_curves(workdir)
   if config.train.num_predictions:
     variables = jax.device_get(_variables_of(state))
-    predictor = inference.Predictor(config.data, models.build_model(config.model), variables)
-    evaluation.write_validation_predictions(predictor, os.path.join(workdir, "predictions"),
+    segmenter = Segmenter(models.build_model(config.model), variables, config.data)
+    evaluation.write_validation_predictions(segmenter, os.path.join(workdir, "predictions"),
                                             config.train.num_predictions)

@@ -1,0 +1,86 @@
+"""fcnjax.Segmenter: what it accepts, that its output is the model's on the normalised image, buckets, weights and runs."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import fcnjax
+from fcnjax import data, models, pretrained
+from fcnjax.segmenter import Segmenter
+
+TINY_UNET = {"name": "unet", "num_classes": 3, "base_width": 4, "depth": 2}
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+  model = models.build_model(TINY_UNET)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  # BatchNorm statistics away from 0 and 1, so that a Segmenter applying the wrong ones would change the output.
+  stats = {"mean": lambda x: x + 0.1, "var": lambda x: x * 1.5}
+  batch_stats = jax.tree_util.tree_map_with_path(lambda path, x: stats[path[-1].key](x), variables["batch_stats"])
+  return model, {"params": variables["params"], "batch_stats": batch_stats}
+
+
+def _image(h, w, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _reference_logits(model, variables, image):
+  normalized = data.normalize(image, data.resolve(None))
+  return np.asarray(model.apply(variables, normalized[None], train=False)["out"][0])
+
+
+def test_predict_is_the_models_argmax_and_softmax(tiny_unet):
+  model, variables = tiny_unet
+  seg = Segmenter(model, variables)
+  image = _image(29, 37)
+  reference = _reference_logits(model, variables, image)
+  labels = seg.predict(image)
+  assert labels.dtype == np.uint8 and labels.shape == (29, 37)
+  np.testing.assert_array_equal(labels, np.argmax(reference, axis=-1))
+  probabilities = seg.predict(image, probabilities=True)
+  assert probabilities.shape == (29, 37, 3)
+  np.testing.assert_allclose(probabilities, jax.nn.softmax(reference, axis=-1), atol=1e-6)
+  np.testing.assert_allclose(probabilities.sum(-1), 1, atol=1e-5)
+
+
+def test_predict_takes_paths_pil_images_lists_and_batches(tiny_unet, tmp_path):
+  model, variables = tiny_unet
+  seg = fcnjax.Segmenter(model, variables)
+  image = _image(24, 20, seed=1)
+  path = tmp_path / "photo.png"
+  Image.fromarray(image).save(path)
+  expected = seg.predict(image)
+  np.testing.assert_array_equal(seg.predict(str(path)), expected)
+  np.testing.assert_array_equal(seg.predict(path), expected)
+  np.testing.assert_array_equal(seg.predict(Image.open(path)), expected)
+  listed = seg.predict([image, _image(16, 40, seed=2)])
+  assert isinstance(listed, list) and listed[0].shape == (24, 20) and listed[1].shape == (16, 40)
+  np.testing.assert_array_equal(listed[0], expected)
+  batch = seg.predict(np.stack([image, image]))
+  assert batch.shape == (2, 24, 20)
+  with pytest.raises(ValueError, match="expected an \\(H, W, 3\\) uint8 image"):
+    seg.predict(image.astype(np.float32))
+
+
+def test_buckets_share_compilations_and_keep_the_output_size(tiny_unet):
+  model, variables = tiny_unet
+  seg = Segmenter(model, variables, bucket=32)
+  for h, w in ((17, 30), (25, 31), (32, 32)):
+    assert seg.predict(_image(h, w)).shape == (h, w)
+  assert seg._predict_fn._cache_size() == 1  # pylint: disable=protected-access
+  # An image whose size is already a multiple of the bucket is not padded at all.
+  unpadded = Segmenter(model, variables).predict(_image(32, 32))
+  np.testing.assert_array_equal(seg.predict(_image(32, 32)), unpadded)
+
+
+def test_from_weights_reads_the_number_of_classes_and_refuses_other_models(tiny_unet, tmp_path):
+  model, variables = tiny_unet
+  path = pretrained.save_variables(str(tmp_path / "weights"), variables)
+  seg = Segmenter.from_weights(path, "unet", model_options={"base_width": 4, "depth": 2})
+  assert seg.model.num_classes == 3
+  image = _image(20, 20)
+  np.testing.assert_array_equal(seg.predict(image), np.argmax(_reference_logits(model, variables, image), -1))
+  with pytest.raises(ValueError, match="not weights of"):
+    Segmenter.from_weights(path, "unet", model_options={"base_width": 8, "depth": 2})
