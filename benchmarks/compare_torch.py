@@ -142,7 +142,7 @@ def _cost_flops(lowered_or_compiled) -> float | None:
 
 def _forward_flops(model, variables, images) -> float | None:
   """The model's forward-pass FLOPs from XLA's cost analysis, lowered for CUDA: there fcnjax keeps lax's
-  convolutions, while on CPU most of them are custom calls to fcnjax.native, whose FLOPs XLA does not see."""
+  convolutions, while on CPU most of them are custom calls to fcnjax.ops.native, whose FLOPs XLA does not see."""
   import jax  # pylint: disable=g-import-not-at-top
   forward = jax.jit(lambda v, x: model.apply(v, x, train=False)).trace(variables, images)
   try:
@@ -152,11 +152,11 @@ def _forward_flops(model, variables, images) -> float | None:
 
 
 def _planned_bytes(compiled) -> int | None:
-  stats = compiled.memory_analysis()
-  if stats is None:
+  from fcnjax import memory  # pylint: disable=g-import-not-at-top
+  try:
+    return memory.compiled_bytes(compiled)["total"]
+  except RuntimeError:  # a backend without memory analysis
     return None
-  return (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
-          + stats.temp_size_in_bytes)
 
 
 @dataclasses.dataclass
@@ -172,9 +172,9 @@ class RunnerInfo:
 
 
 class FcnjaxTrain:
-  """fcnjax's jitted, donating train step; `apply_fn` replaces model.apply (benchmarks/train_step_variants.py)."""
+  """fcnjax's jitted, donating train step."""
 
-  def __init__(self, model, variables: dict, images: np.ndarray, masks: np.ndarray, apply_fn=None):
+  def __init__(self, model, variables: dict, images: np.ndarray, masks: np.ndarray):
     import jax  # pylint: disable=g-import-not-at-top
     from fcnjax import losses, optim, steps  # pylint: disable=g-import-not-at-top
     self.jax = jax
@@ -185,8 +185,6 @@ class FcnjaxTrain:
     config.momentum = 0.9
     tx = optim.make_optimizer(config, total_steps=1)
     self.state = steps.create_train_state(model, tx, variables, jax.random.PRNGKey(0))
-    if apply_fn is not None:
-      self.state = self.state.replace(apply_fn=apply_fn)
     self.batch = {"image": jax.device_put(images), "mask": jax.device_put(masks)}
     loss_config = losses.default_config()
     loss_config.aux_weight = AUX_WEIGHT
@@ -327,13 +325,14 @@ def probe_torch_memory(args) -> None:
   import tests.torch_reference.fcn  # noqa: F401 pylint: disable=g-import-not-at-top,unused-import
   import tests.torch_reference.unet  # noqa: F401 pylint: disable=g-import-not-at-top,unused-import
   import torchvision.models.segmentation  # noqa: F401 pylint: disable=g-import-not-at-top,unused-import
+  from fcnjax import memory  # pylint: disable=g-import-not-at-top
   images, masks = make_batch(args)
-  baseline = harness.rss_bytes()
-  harness.reset_peak_rss()
+  baseline = memory.rss_bytes()
+  memory.reset_peak_rss()
   model = torch_model(name, args.num_classes)
   runner = TorchRunner(model, mode, images, masks, "cpu", args.dtype, False, args.torch_channels_last)
   runner(2)
-  print(json.dumps({"bytes": harness.peak_rss_bytes() - baseline}))
+  print(json.dumps({"bytes": memory.peak_rss_bytes() - baseline}))
 
 
 def torch_cpu_memory(args, name: str, mode: str) -> tuple[int | None, str]:

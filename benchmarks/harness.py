@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: thread pinning, interleaved timing, robust statistics, device peaks, tables.
+"""What the benchmark scripts share: thread pinning, interleaved timing, robust statistics, device peaks, tables
+(host memory: fcnjax.memory).
 
 Timing is interleaved: with contenders A and B, round 1 times A then B, round 2 B then A, and so on. Other load on
 a shared machine then slows both about equally within a round, and the median over rounds (with its min/max and
@@ -209,34 +210,6 @@ def _jsonable(value):
 
 def fmt_mb(num_bytes: float | None) -> str:
   return "" if num_bytes is None else f"{num_bytes / 2**20:.0f}"
-
-
-def rss_bytes() -> int:
-  """Current resident set size of this process (Linux)."""
-  with open("/proc/self/statm") as f:
-    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-  """Peak resident set size of this process's memory map (VmHWM), since it started or since reset_peak_rss().
-
-  Not getrusage's ru_maxrss: Linux carries that across exec, so a child process would report its parent's peak.
-  """
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmHWM:"):
-        return int(line.split()[1]) * 1024
-  raise OSError("no VmHWM in /proc/self/status")
-
-
-def reset_peak_rss() -> bool:
-  """Sets VmHWM back to the current RSS (Linux >= 4.0); False where that is not allowed."""
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    return True
-  except OSError:
-    return False
 
 
 def sanitize(name: str) -> str:

@@ -4,9 +4,11 @@ flips and 90-degree rotations, the border weight map in a BCE loss, overlap-tile
   python -m fcnjax.train --config experiments/isbi_unet.py --workdir runs/isbi_unet
   python -m fcnjax.evaluate --workdir runs/isbi_unet --tile 256
 
-Data: ../shared/data/isbi2012-em (images/NN.png, masks/NN.png, 512x512 grey; mask 255 = cell interior ->
-foreground 1, 0 = membrane). Sorted by name, the last val_count = 4 slices (20-23) validate and 00-19 train.
-Sized to train on a 2-core CPU in under an hour; see docs/isbi.md for the trials behind the numbers.
+Data: data.root, by default ../shared/data/isbi2012-em relative to the working directory (24 slices beside the
+repository); elsewhere pass --config.data.root=DIR, DIR holding images/NN.png + masks/NN.png (512x512 grey; mask
+255 = cell interior -> foreground 1, 0 = membrane; the README's Data section says how to unpack the challenge's
+stack so). Sorted by name, the last val_count = 4 slices (20-23) validate and 00-19 train.
+Sized to train on a 2-core CPU in under an hour; docs/isbi.md has the runs behind the numbers.
 """
 from fcnjax.config import base_config
 

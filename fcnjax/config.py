@@ -1,6 +1,11 @@
 """The base experiment config: every key a run reads, with its default. experiments/*.py override fields of it."""
 from __future__ import annotations
 
+import importlib.util
+import os
+import pathlib
+from typing import Any, Mapping
+
 import ml_collections
 
 from fcnjax import data, losses, optim
@@ -36,3 +41,30 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
   ))
   config.eval = ml_collections.ConfigDict(dict(batch_size=8))
   return config
+
+
+def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
+  """get_config() of a config file (experiments/*.py), as `--config PATH` loads it."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"config file {path}: no such file")
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> None:
+  """Sets dotted keys ('model.base_width': 8) in place; a key the config does not have is an error, as it is for
+  `--config.KEY=VALUE`."""
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for depth, part in enumerate(parents):
+      if part not in node:
+        raise KeyError(f"config override {key!r}: the config has no {'.'.join(parents[:depth + 1])!r}")
+      node = node[part]
+    if leaf not in node:
+      raise KeyError(f"config override {key!r}: no such key; {'.'.join(parents) or 'the config'} has "
+                     f"{', '.join(sorted(node.keys()))}")
+    node[leaf] = value

@@ -2,11 +2,17 @@
 XLA_FLAGS=--xla_force_host_platform_device_count=N so this process keeps its single device."""
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+import reliability_helpers
+
+REPO_ROOT = reliability_helpers.REPO_ROOT
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+CONVERTER = REPO_ROOT / "conversions" / "convert_torchvision.py"
+subprocess_env = reliability_helpers.env
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -27,20 +33,34 @@ def session_compile_cache(tmp_path_factory):
   yield cache
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:
-  """../shared/data (real ISBI 2012 EM slices and a liver CT pair); tests needing it skip when it is absent."""
+  """../shared/data beside the repository (real ISBI 2012 EM slices and a liver CT pair, see its README); tests
+  needing it skip when it is absent."""
   if not SHARED_DATA.is_dir():
     pytest.skip(f"{SHARED_DATA} not present")
   return SHARED_DATA
 
 
-def subprocess_env(num_devices: int = 1, **extra: str) -> dict[str, str]:
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
-  env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-  env.update(extra)
-  return env
+def load_converter():
+  """conversions/convert_torchvision.py as a module (a script outside the package), for its main(argv)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("convert_torchvision", CONVERTER)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_experiment(name: str):
+  """get_config() of experiments/<name>.py."""
+  from fcnjax.config import load_config_file  # pylint: disable=g-import-not-at-top
+  return load_config_file(REPO_ROOT / "experiments" / f"{name}.py")
+
+
+def run_python(*args, num_devices: int = 1, timeout: float = 300, **extra_env: str) -> subprocess.CompletedProcess:
+  """`python ARGS...` from the repository root, on `num_devices` CPU devices, output captured."""
+  return subprocess.run([sys.executable, *map(str, args)], env=subprocess_env(num_devices, **extra_env),
+                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def record_parity(what: str, max_abs_diff: float, scale: float) -> None:

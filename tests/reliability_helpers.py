@@ -1,5 +1,6 @@
-"""Shared by the reliability tests: a tiny experiment config for the command line, and `python -m fcnjax.train`
-run as a real subprocess (so that bad input, signals and kills meet the program a user runs).
+"""What the tests share: the tiny experiment config, the environment of a test's subprocess, and
+`python -m fcnjax.train` run as a real subprocess (so that bad input, signals and kills meet the program a user
+runs).
 
 This file is also the experiment config those subprocesses load: `--config tests/reliability_helpers.py` calls
 get_config() below, so it must import nothing from the test suite at module level.
@@ -27,36 +28,43 @@ CONFIG = str(HERE / "reliability_helpers.py")
 TIMEOUT = 240  # seconds for one subprocess; a hang fails the test instead of stalling CI
 
 
-def get_config():
-  """test_train.tiny_config as a config file: a U-Net that trains a step in milliseconds on a CPU, with a
-  checkpoint at every step (so that kills often land in the middle of a checkpoint write)."""
+def tiny_config(num_steps: int = 8, **train_overrides):
+  """A U-Net small enough to train for a few steps in seconds on a CPU, on 64 synthetic 32x32 images."""
   config = base_config(model=dict(name="unet", num_classes=4, base_width=4, depth=2))
   config.data.source = "synthetic"
   config.data.num_classes = 4
   config.data.image_size = 32
   config.data.synthetic_train_examples = 64
   config.data.synthetic_val_examples = 16
-  config.data.read_threads = 1
   config.loss.name = "cross_entropy"
   config.optim.optimizer = "adam"
   config.optim.learning_rate = 3e-3
   config.optim.schedule = "constant"
   config.train.batch_size = 8
-  config.train.num_steps = 8
+  config.train.num_steps = num_steps
   config.train.log_every = 1
-  config.train.eval_every = 4
-  config.train.checkpoint_every = 1
-  config.train.keep_checkpoints = 2
   config.train.progress = False
   config.eval.batch_size = 8
+  for key, value in train_overrides.items():
+    config.train[key] = value
+  return config
+
+
+def get_config():
+  """tiny_config as a config file, with a checkpoint at every step (so that kills often land in the middle of a
+  checkpoint write), an evaluation every 4 steps and one data thread."""
+  config = tiny_config(eval_every=4, checkpoint_every=1, keep_checkpoints=2)
+  config.data.read_threads = 1
   return config
 
 
 def env(num_devices: int = 1, **extra: str) -> dict[str, str]:
+  """This process's environment for a subprocess on `num_devices` CPU devices that imports fcnjax and the tests'
+  modules (the session's XLA compilation cache comes with os.environ, see conftest.py)."""
   environ = dict(os.environ)
   environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
   environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(HERE), environ.get("PYTHONPATH", "")])
-  environ["JAX_PLATFORMS"] = "cpu"  # the session's XLA compilation cache comes with os.environ (conftest.py)
+  environ["JAX_PLATFORMS"] = "cpu"
   environ.update(extra)
   return environ
 
@@ -68,7 +76,7 @@ def train_command(workdir, *overrides: str, inject: str | None = None) -> list[s
   if inject is None:
     return [sys.executable, "-m", "fcnjax.train", *args]
   script = ("import sys, reliability_helpers as h; h.install_fault(sys.argv.pop(1)); "
-            "from absl import app; from fcnjax import train; app.run(train.main)")
+            "from fcnjax import cli, train; cli.run(train.main)")
   return [sys.executable, "-c", script, inject, *args]
 
 

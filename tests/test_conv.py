@@ -343,6 +343,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     """)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("native_kernels")
 def test_native_kernels_keep_a_sharded_batch_on_its_devices():
   """Data parallelism over 8 devices: each device convolves its own image (no gathered batch), and the weight

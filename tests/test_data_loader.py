@@ -108,7 +108,9 @@ def test_bad_batch_and_process_arguments():
     data.build_train_data(_cfg(), batch_size=8, seed=0, process_index=2, process_count=2)
 
 
+@pytest.mark.slow
 def test_workers_give_the_same_batches():
+  """Two grain worker processes."""
   cfg = _cfg(scale_range=(0.75, 1.25), crop_size=16)
   want = _take(data.build_train_data(cfg, batch_size=4, seed=3).iterator(1), 4)
   cfg.workers = 2

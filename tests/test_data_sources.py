@@ -1,4 +1,5 @@
 """Sources: pet trimap mapping, tfds under mock_data, folder layouts on files written here and on ../shared/data."""
+import os
 from pathlib import Path
 
 import numpy as np
@@ -7,8 +8,6 @@ from PIL import Image
 
 from fcnjax import data
 from fcnjax.data import folder, labels
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def _save(path, array, mode=None):
@@ -202,6 +201,50 @@ def test_raw_pet_layout(tmp_path):
   np.testing.assert_array_equal(batch["mask"][1], np.array([0, 1, 0, 1])[trimap])
 
 
+def test_voc_layout(tmp_path):
+  """VOCdevkit/VOC2012: JPEGImages/, palette PNGs in SegmentationClass/ (index = class, 255 = void), split lists."""
+  rng = np.random.default_rng(4)
+  (tmp_path / "SegmentationClass").mkdir()
+  (tmp_path / "ImageSets" / "Segmentation").mkdir(parents=True)
+  for name in ("2007_000032", "2007_000033", "2007_000039"):
+    _save(tmp_path / "JPEGImages" / f"{name}.jpg", rng.integers(0, 256, (10, 12, 3)).astype(np.uint8))
+    mask = Image.fromarray(rng.choice(np.array([0, 1, 20, 255], np.uint8), (10, 12)), "P")
+    mask.putpalette([0, 0, 0, 128, 0, 0] + [224, 224, 192] * 254)
+    mask.save(tmp_path / "SegmentationClass" / f"{name}.png")
+  (tmp_path / "ImageSets" / "Segmentation" / "train.txt").write_text("2007_000032\n2007_000039\n")
+  (tmp_path / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_000033\n")
+  assert folder.detect_layout(tmp_path) == "voc"
+  assert folder.find_pairs(tmp_path, "auto", "validation") == [
+      (str(tmp_path / "JPEGImages" / "2007_000033.jpg"), str(tmp_path / "SegmentationClass" / "2007_000033.png"))]
+  cfg = _folder_cfg(tmp_path, layout="voc", num_classes=21, crop_size=8)
+  assert data.build_train_data(cfg, batch_size=2, seed=0).num_examples == 2
+  batch = next(iter(data.build_eval_data(cfg, batch_size=1)))
+  want = np.asarray(Image.open(tmp_path / "SegmentationClass" / "2007_000033.png"))
+  assert set(np.unique(want)) == {0, 1, 20, 255}
+  np.testing.assert_array_equal(batch["mask"][0], want)
+
+
+@pytest.mark.parametrize("layout, holding", [
+    ("images_masks", "images/ + masks/ with matching file names"),
+    ("liver", "NNN.png + NNN_mask.png files"),
+    ("auto", "files in one of the layouts of data.layout"),
+])
+def test_missing_root_names_the_path_and_the_flag(tmp_path, monkeypatch, layout, holding):
+  monkeypatch.chdir(tmp_path)
+  cfg = _folder_cfg("data/em", layout=layout)
+  with pytest.raises(data.DataRootNotFoundError) as error:
+    data.build_train_data(cfg, batch_size=2, seed=0)
+  message = str(error.value)
+  assert message.startswith(f"data.root=data/em: no such folder (relative to the working directory {tmp_path}); "
+                            f"set --config.data.root=DIR, a folder holding {holding}"), message
+  assert f"(layout {layout}; see the README's Data section)" in message and "\n" not in message
+  assert isinstance(error.value, FileNotFoundError)  # what the command line prints as one line
+  cfg.root = str(tmp_path / "data" / "em")  # an absolute path needs no working directory
+  with pytest.raises(data.DataRootNotFoundError, match=rf"^data.root={cfg.root}: no such folder; set"):
+    data.build_eval_data(cfg, batch_size=2)
+  assert os.path.isabs(cfg.root)
+
+
 def test_read_image_and_mask_formats(tmp_path):
   grey = np.arange(12, dtype=np.uint8).reshape(3, 4)
   image = data.read_image(_save(tmp_path / "grey.png", grey))
@@ -223,9 +266,9 @@ def test_read_image_and_mask_formats(tmp_path):
 # Real files from ../shared/data, read in place
 
 
-@pytest.mark.skipif(not (SHARED / "isbi2012-em").is_dir(), reason="../shared/data/isbi2012-em absent")
-def test_shared_isbi_em_images_masks():
-  cfg = _folder_cfg(SHARED / "isbi2012-em", mask_mode="binary", val_count=4, crop_size=128, vflip=True, rot90=True)
+def test_shared_isbi_em_images_masks(shared_data):
+  cfg = _folder_cfg(shared_data / "isbi2012-em", mask_mode="binary", val_count=4, crop_size=128, vflip=True,
+                    rot90=True)
   train = data.build_train_data(cfg, batch_size=2, seed=0)
   assert train.num_examples == 20 and train.skipped_files == []
   batch = next(train.iterator(0))
@@ -235,18 +278,17 @@ def test_shared_isbi_em_images_masks():
   evald = data.build_eval_data(cfg, batch_size=4)
   first = next(iter(evald))
   assert evald.num_examples == 4 and first["mask"].shape == (4, 512, 512)
-  mask = np.asarray(Image.open(SHARED / "isbi2012-em" / "masks" / "20.png"))
+  mask = np.asarray(Image.open(shared_data / "isbi2012-em" / "masks" / "20.png"))
   np.testing.assert_array_equal(first["mask"][0], mask > 127)                 # 255 = cell -> 1
   assert 0.5 < first["mask"].mean() < 0.95
 
 
-@pytest.mark.skipif(not (SHARED / "liver-sample").is_dir(), reason="../shared/data/liver-sample absent")
-def test_shared_liver_sample():
-  cfg = _folder_cfg(SHARED / "liver-sample", mask_mode="binary", crop_size=256, eval_size=128)
+def test_shared_liver_sample(shared_data):
+  cfg = _folder_cfg(shared_data / "liver-sample", mask_mode="binary", crop_size=256, eval_size=128)
   train = data.build_train_data(cfg, batch_size=1, seed=0)
   assert train.num_examples == 1
   assert next(train.iterator(0))["image"].shape == (1, 256, 256, 3)
   batch = next(iter(data.build_eval_data(cfg, batch_size=1)))
   assert batch["image"].shape == (1, 128, 128, 3) and batch["mask"].shape == (1, 512, 512)
-  mask = np.asarray(Image.open(SHARED / "liver-sample" / "val" / "000_mask.png"))
+  mask = np.asarray(Image.open(shared_data / "liver-sample" / "val" / "000_mask.png"))
   np.testing.assert_array_equal(batch["mask"][0], mask > 127)

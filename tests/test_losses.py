@@ -1,7 +1,4 @@
 """fcnjax.losses against live PyTorch (cross-entropy, BCE) and a written-out soft-Dice reference."""
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -12,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import run_python
 from fcnjax import losses
 
 IGNORE = 255
@@ -293,9 +291,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     """)
 
 
+@pytest.mark.slow
 def test_sharded_jit_equals_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=300)
+  result = run_python("-c", _SHARDED_SCRIPT, num_devices=4)
   assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr

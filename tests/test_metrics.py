@@ -1,20 +1,15 @@
 """fcnjax.metrics on hand-computed cases, sharded vs single device, and the ISBI 2012 challenge metrics."""
 import math
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import run_python
 from fcnjax import metrics
 
-ROOT = Path(__file__).resolve().parents[1]
-ISBI_MASK = ROOT.parent / "shared" / "data" / "isbi2012-em" / "masks" / "00.png"
 X = 255  # ignore
 
 # Three examples of 2x3 pixels, three classes. Example 1 is padding (valid=False).
@@ -145,10 +140,9 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     """)
 
 
+@pytest.mark.slow
 def test_sharded_confusion_matrix_equals_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+  result = run_python("-c", _SHARDED_SCRIPT, num_devices=4)
   assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr
 
 
@@ -199,10 +193,10 @@ def test_rand_error_uses_four_connectivity():
   assert metrics.rand_error(pred, gt, connectivity=2) != pytest.approx(1 - 18 / 21, rel=1e-3)
 
 
-def test_challenge_metrics_real_isbi_mask():
+def test_challenge_metrics_real_isbi_mask(shared_data):
   from PIL import Image
   from scipy import ndimage
-  gt = np.asarray(Image.open(ISBI_MASK)) > 127
+  gt = np.asarray(Image.open(shared_data / "isbi2012-em" / "masks" / "00.png")) > 127
   assert metrics.challenge_metrics(gt, gt)["rand_error"] == 0.0
   # Growing the cells by 2 pixels erases thin membranes and merges cells; shrinking them by 2 keeps every cell.
   # Both flip a similar number of pixels, but only merging is a topological error, which the Rand error must show.

@@ -1,8 +1,4 @@
 """Pretrained variables: orbax save/load round trip, merge_pretrained's rules, and the converter CLI end to end."""
-import importlib.util
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,16 +7,15 @@ import pytest
 import torch  # noqa: E402  (a hard import: parity tests must run, never skip)
 import torchvision  # noqa: E402
 
-from conftest import REPO_ROOT, subprocess_env  # noqa: E402
+from conftest import CONVERTER, load_converter, run_python  # noqa: E402
 from fcnjax.models.fcn import fcn8s  # noqa: E402
 from fcnjax.models.fcn_resnet import fcn_resnet50  # noqa: E402
 from fcnjax.models.resnet import resnet50  # noqa: E402
 from fcnjax.models.unet import unet  # noqa: E402
 from fcnjax.models.vgg import vgg16  # noqa: E402
 from fcnjax.pretrained import load_variables, merge_pretrained, report_summary, save_variables  # noqa: E402
+from torch_reference import randomize_batch_norm  # noqa: E402
 from torch_reference.unet import UNet as TorchUNet, flax_variables  # noqa: E402
-
-CLI = REPO_ROOT / "conversions" / "convert_torchvision.py"
 
 
 def leaves_by_path(tree):
@@ -167,24 +162,14 @@ def test_coco_fcn_resnet50_into_a_three_class_model():
 # conversions/convert_torchvision.py
 
 
-def run_cli(*args):
-  return subprocess.run([sys.executable, str(CLI), *map(str, args)], env=subprocess_env(1), capture_output=True,
-                        text=True, timeout=300, cwd=REPO_ROOT)
-
-
+@pytest.mark.slow
 def test_cli_converts_resnet50_end_to_end(tmp_path):
   torch.manual_seed(0)
-  reference = torchvision.models.resnet50(weights=None)
-  with torch.no_grad():  # non-trivial BatchNorm statistics, so that the conversion of every one of them matters
-    for module in reference.modules():
-      if isinstance(module, torch.nn.BatchNorm2d):
-        module.weight.uniform_(0.5, 1.5)
-        module.bias.normal_(0, 0.1)
-        module.running_mean.normal_(0, 0.1)
-        module.running_var.uniform_(0.5, 1.5)
+  # Non-trivial BatchNorm statistics, so that the conversion of every one of them matters.
+  reference = randomize_batch_norm(torchvision.models.resnet50(weights=None), shift_std=0.1, var_range=(0.5, 1.5))
   pth = tmp_path / "resnet50-test.pth"
   torch.save(reference.state_dict(), pth)
-  result = run_cli("--arch", "resnet50", "--pth", pth, "--out", tmp_path / "resnet50")
+  result = run_python(CONVERTER, "--arch", "resnet50", "--pth", pth, "--out", tmp_path / "resnet50")
   assert result.returncode == 0, result.stderr
   assert "320 tensors" in result.stdout and "25,557,032 values" in result.stdout
   assert str(tmp_path / "resnet50") in result.stdout
@@ -202,9 +187,7 @@ def test_cli_converts_resnet50_end_to_end(tmp_path):
 
 def test_cli_rejects_a_state_dict_of_another_architecture(tmp_path, capsys):
   # In-process (the end-to-end test above covers the subprocess): main() returns the exit status.
-  spec = importlib.util.spec_from_file_location("convert_torchvision", CLI)
-  cli = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(cli)
+  cli = load_converter()
   pth = tmp_path / "not-vgg.pth"
   torch.save(TorchUNet(2, 4, 1).state_dict(), pth)
   assert cli.main(["--arch", "vgg16", "--pth", str(pth), "--out", str(tmp_path / "out")]) == 1

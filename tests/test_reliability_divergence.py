@@ -4,8 +4,11 @@ import re
 
 import jax
 import numpy as np
+import pytest
 
 import reliability_helpers as h
+
+pytestmark = pytest.mark.slow  # training command-line runs
 
 NON_FINITE = re.compile(r"NonFiniteLossError: step (\d+): loss is (\S+)")
 

@@ -2,7 +2,6 @@
 another architecture. Each must stop the program before it trains (or converts) anything, name what is wrong, and
 leave existing files as they were; with data.on_bad_file=skip, bad files are left out and counted.
 """
-import importlib.util
 import sys
 
 import numpy as np
@@ -10,6 +9,8 @@ import pytest
 from PIL import Image
 
 import reliability_helpers as h
+from conftest import load_converter
+from fcnjax import memory
 
 FOLDER = ("--config.data.source=folder", "--config.data.layout=images_masks", "--config.data.val_count=2",
           "--config.train.num_steps=2")
@@ -71,17 +72,24 @@ def _assert_stopped_before_training(result, workdir, *expected_in_stderr):
   assert not (workdir / "checkpoints").exists(), "the run got as far as its checkpoints before the error"
 
 
+@pytest.mark.slow
 def test_bad_data_stops_before_the_first_step_naming_the_file(tmp_path):
   bad = _folder(tmp_path / "bad", BAD_FILES)
   no_mask = _folder(tmp_path / "no_mask", ("image_without_mask",))
   (tmp_path / "empty" / "images").mkdir(parents=True)
   (tmp_path / "empty" / "masks").mkdir()
-  runs = {name: tmp_path / f"run_{name}" for name in ("bad", "no_mask", "empty")}
+  runs = {name: tmp_path / f"run_{name}" for name in ("bad", "no_mask", "empty", "missing")}
   results = h.run_together(*[(h.train_command(runs[name], *FOLDER, f"--config.data.root={tmp_path / name}"), h.env())
                              for name in runs])
   _assert_stopped_before_training(results[0], runs["bad"], *bad.values(), *(REASONS[k] for k in BAD_FILES))
   _assert_stopped_before_training(results[1], runs["no_mask"], no_mask["image_without_mask"], "no mask")
   _assert_stopped_before_training(results[2], runs["empty"], tmp_path / "empty" / "images", "empty folder")
+  # A data.root that does not exist: one line naming it and the flag to set, no traceback.
+  _assert_stopped_before_training(results[3], runs["missing"])
+  assert results[3].returncode == 1 and "Traceback" not in results[3].stderr, results[3].stderr[-3000:]
+  assert results[3].stderr.strip().splitlines()[-1].startswith(
+      f"DataRootNotFoundError: data.root={tmp_path / 'missing'}: no such folder; set --config.data.root=DIR, a "
+      "folder holding images/ + masks/"), results[3].stderr[-3000:]
 
 
 SKIPPED = BAD_FILES + ("image_without_mask",)
@@ -102,6 +110,7 @@ def skip_run(tmp_path_factory):
   return root / "run", result.stderr
 
 
+@pytest.mark.slow
 def test_skipped_bad_files_are_counted_in_metrics(skip_run):
   workdir, stderr = skip_run
   records = h.train_records(workdir)
@@ -112,6 +121,7 @@ def test_skipped_bad_files_are_counted_in_metrics(skip_run):
     assert f"b_{kind}.png" in stderr and REASONS[kind] in stderr, kind
 
 
+@pytest.mark.slow
 def test_resuming_another_model_fails_and_leaves_checkpoints_untouched(skip_run):
   trained = skip_run[0]
   before = h.tree_digest(trained)
@@ -130,17 +140,10 @@ def test_resuming_another_model_fails_and_leaves_checkpoints_untouched(skip_run)
 
 def _abstract_state(config):
   """The train state `config` would restore into, as shapes only (nothing is compiled or allocated)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from fcnjax import models, optim, steps  # pylint: disable=g-import-not-at-top
-  model = models.build_model(config.model)
-  tx = optim.make_optimizer(config.optim, 8, None)
-
-  def create(rng):  # traced by eval_shape: the jit inside init_variables is never compiled
-    return steps.create_train_state(model, tx, steps.init_variables(model, rng, (32, 32, 3)), rng)
-
-  return jax.eval_shape(create, jax.random.PRNGKey(0))
+  return memory.TrainStep(config, config.data.image_size).abstract_state
 
 
+@pytest.mark.slow
 def test_restore_names_the_differing_key_or_shape(skip_run):
   """The two checks behind CheckpointMismatchError, in-process: the model record (an architecture option), and,
   where records agree but arrays do not (a checkpoint from before a model change), each mis-shaped array."""
@@ -189,12 +192,10 @@ CONVERSIONS = [
 ]
 
 
+@pytest.mark.slow
 def test_converter_refuses_another_architecture(foreign_pth, tmp_path, capsys):
   """The first case through the command line (exit status included), the others through the same main(argv)."""
-  spec = importlib.util.spec_from_file_location("convert_torchvision",
-                                                h.REPO_ROOT / "conversions" / "convert_torchvision.py")
-  cli = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(cli)
+  cli = load_converter()
   for i, (arch, pth, expected) in enumerate(CONVERSIONS):
     out = tmp_path / f"converted{i}"
     argv = [f"--arch={arch}", f"--pth={foreign_pth / pth}", f"--out={out}"]

@@ -115,6 +115,7 @@ FAULTS = [_kill_before_commit, _kill_while_deleting, _kill_at_random, _kill_duri
           _stop_with(signal.SIGTERM), _stop_with(signal.SIGINT)]
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_exactly(tmp_path):
   workdir, reference = tmp_path / "interrupted", tmp_path / "uninterrupted"
   rng = random.Random(20240611)

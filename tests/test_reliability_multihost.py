@@ -15,6 +15,8 @@ import reliability_helpers as h
 from conftest import record_parity
 from fcnjax import checkpoint
 
+pytestmark = pytest.mark.slow  # training command-line runs
+
 NUM_STEPS = 4
 RUN = (f"--config.train.num_steps={NUM_STEPS}",)
 SLOW_START = 40  # seconds

@@ -15,11 +15,14 @@ TINY_UNET = {"name": "unet", "num_classes": 3, "base_width": 4, "depth": 2}
 @pytest.fixture(scope="module")
 def tiny_unet():
   model = models.build_model(TINY_UNET)
-  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
-  # BatchNorm statistics away from 0 and 1, so that a Segmenter applying the wrong ones would change the output.
-  stats = {"mean": lambda x: x + 0.1, "var": lambda x: x * 1.5}
-  batch_stats = jax.tree_util.tree_map_with_path(lambda path, x: stats[path[-1].key](x), variables["batch_stats"])
-  return model, {"params": variables["params"], "batch_stats": batch_stats}
+  # Random values in the model's shapes (flax's initialisers take ~20 s to compile on a CPU); BatchNorm variances
+  # positive and means away from 0, so that a Segmenter applying the wrong statistics would change the output.
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  rng = np.random.default_rng(0)
+  variables = jax.tree_util.tree_map_with_path(
+      lambda path, s: (0.5 + rng.random(s.shape) if path[-1].key == "var" else 0.3 * rng.standard_normal(s.shape))
+      .astype(np.float32), shapes)
+  return model, variables
 
 
 def _image(h, w, seed=0):
@@ -28,7 +31,7 @@ def _image(h, w, seed=0):
 
 def _reference_logits(model, variables, image):
   normalized = data.normalize(image, data.resolve(None))
-  return np.asarray(model.apply(variables, normalized[None], train=False)["out"][0])
+  return np.asarray(jax.jit(model.apply)(variables, normalized[None])["out"][0])
 
 
 def test_predict_is_the_models_argmax_and_softmax(tiny_unet):

@@ -1,39 +1,17 @@
 """End-to-end training: learning happens, resume is exact, data parallelism changes nothing, every experiment runs."""
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO_ROOT, record_parity, subprocess_env
+from conftest import record_parity, run_python
 from fcnjax import checkpoint, reporting, training
-from fcnjax.config import base_config
+from reliability_helpers import tiny_config
 
-
-def tiny_config(num_steps: int = 8, **train_overrides):
-  """A U-Net small enough to train for a few steps in seconds on a CPU."""
-  config = base_config(model=dict(name="unet", num_classes=4, base_width=4, depth=2))
-  config.data.source = "synthetic"
-  config.data.num_classes = 4
-  config.data.image_size = 32
-  config.data.synthetic_train_examples = 64
-  config.data.synthetic_val_examples = 16
-  config.loss.name = "cross_entropy"
-  config.optim.optimizer = "adam"
-  config.optim.learning_rate = 3e-3
-  config.optim.schedule = "constant"
-  config.train.batch_size = 8
-  config.train.num_steps = num_steps
-  config.train.log_every = 1
-  config.train.progress = False
-  config.eval.batch_size = 8
-  for key, value in train_overrides.items():
-    config.train[key] = value
-  return config
+pytestmark = pytest.mark.slow  # every test here trains, or runs a command on a trained workdir
 
 
 def final_params(workdir):
@@ -85,10 +63,9 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 DEVICE_SCRIPT = """
-import json, sys
-sys.path.insert(0, {tests!r})
+import json
 import jax
-from test_train import tiny_config
+from reliability_helpers import tiny_config
 from fcnjax import reporting, training
 assert jax.device_count() == {devices}, jax.devices()
 config = tiny_config(num_steps=6)
@@ -99,9 +76,8 @@ print("LOSSES", json.dumps(losses))
 
 
 def _losses_on(devices, workdir):
-  script = DEVICE_SCRIPT.format(tests=str(REPO_ROOT / "tests"), devices=devices, workdir=str(workdir))
-  result = subprocess.run([sys.executable, "-c", script], env=subprocess_env(devices), capture_output=True,
-                          text=True, timeout=600)
+  script = DEVICE_SCRIPT.format(devices=devices, workdir=str(workdir))
+  result = run_python("-c", script, num_devices=devices, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   line = [l for l in result.stdout.splitlines() if l.startswith("LOSSES")][-1]
   return json.loads(line.split(" ", 1)[1])
@@ -134,14 +110,17 @@ def test_training_writes_predictions(trained_workdir):
 
 
 def test_evaluate_cli_prints_table(trained_workdir):
-  result = subprocess.run([sys.executable, "-m", "fcnjax.evaluate", f"--workdir={trained_workdir}",
-                           "--checkpoint=latest"], env=subprocess_env(1), capture_output=True, text=True,
-                          timeout=300, cwd=REPO_ROOT)
+  result = run_python("-m", "fcnjax.evaluate", f"--workdir={trained_workdir}", "--checkpoint=latest")
   assert result.returncode == 0, result.stderr[-3000:]
   for name in ("background", "circle", "rectangle", "triangle"):
     assert name in result.stdout
   record = json.loads((trained_workdir / "evaluation.json").read_text())
-  assert 0.0 <= record["miou"] <= 1.0 and record["step"] == 4
+  # The checkpoint of step 4 on the validation set that training scored at step 4: the same numbers.
+  (trained,) = [r for r in reporting.read_metrics(str(trained_workdir)) if r["kind"] == "eval"]
+  assert record["step"] == trained["step"] == 4
+  for key in ("miou", "pixel_accuracy", "mean_dice"):
+    assert record[key] == pytest.approx(trained[key], abs=1e-6), key
+  assert f"{100 * record['miou']:.2f}" in result.stdout
 
 
 def test_predict_cli_writes_pngs(trained_workdir, tmp_path):
@@ -151,9 +130,8 @@ def test_predict_cli_writes_pngs(trained_workdir, tmp_path):
   for name, size in (("a", (40, 52)), ("b", (31, 17))):  # sizes other than the training size
     Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(images / f"{name}.png")
   out = tmp_path / "out"
-  result = subprocess.run([sys.executable, "-m", "fcnjax.predict", f"--workdir={trained_workdir}",
-                           f"--images={images}", f"--out={out}", "--checkpoint=latest"],
-                          env=subprocess_env(1), capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+  result = run_python("-m", "fcnjax.predict", f"--workdir={trained_workdir}", f"--images={images}", f"--out={out}",
+                      "--checkpoint=latest")
   assert result.returncode == 0, result.stderr[-3000:]
   mask = Image.open(out / "b_mask.png")
   assert mask.size == (17, 31) and mask.mode == "P"

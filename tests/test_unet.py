@@ -16,6 +16,7 @@ import torch  # noqa: E402  (a hard import: parity tests must run, never skip)
 
 from fcnjax.models import build_model  # noqa: E402
 from fcnjax.models.unet import unet  # noqa: E402
+from torch_reference import randomize_batch_norm  # noqa: E402
 from torch_reference.unet import UNet as TorchUNet, flax_variables  # noqa: E402
 
 BASE, DEPTH, CLASSES = 8, 3, 3
@@ -25,15 +26,7 @@ EVEN, ODD = (32, 40), (29, 23)
 def make_torch_unet(upsampling, seed=0, num_classes=CLASSES):
   """A torch U-Net whose BatchNorm affine parameters and running statistics are random, not the 1/0 defaults."""
   torch.manual_seed(seed)
-  model = TorchUNet(num_classes, BASE, DEPTH, upsampling)
-  with torch.no_grad():
-    for module in model.modules():
-      if isinstance(module, torch.nn.BatchNorm2d):
-        module.weight.uniform_(0.5, 1.5)
-        module.bias.normal_(0, 0.2)
-        module.running_mean.normal_(0, 0.2)
-        module.running_var.uniform_(0.5, 2.0)
-  return model
+  return randomize_batch_norm(TorchUNet(num_classes, BASE, DEPTH, upsampling), shift_std=0.2, var_range=(0.5, 2.0))
 
 
 def images(size, n=2, seed=0):
@@ -85,15 +78,13 @@ def test_train_mode_matches_torch(upsampling, size):
     np.testing.assert_allclose(value, torch_stats[path], rtol=1e-4, atol=1e-5, err_msg=str(path))
 
 
-@pytest.mark.parametrize("num_classes", [1, 4])
+@pytest.mark.parametrize("num_classes", [pytest.param(1, marks=pytest.mark.slow), 4])
 @pytest.mark.parametrize("size", [(1, 1), (2, 3), (7, 5), (61, 47), (64, 64)])
 @pytest.mark.parametrize("upsampling", ["transpose", "bilinear"])
 def test_output_has_input_size(num_classes, size, upsampling):
   model = unet(num_classes=num_classes, base_width=BASE, depth=4, upsampling=upsampling)
-  x = jax.ShapeDtypeStruct((2, *size, 3), jnp.float32)
-  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-  out = jax.eval_shape(model.apply, variables, x)["out"]
-  assert out.shape == (2, *size, num_classes)
+  out = jax.eval_shape(model.init_with_output, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((2, *size, 3), jnp.float32))
+  assert out[0]["out"].shape == (2, *size, num_classes)
 
 
 def test_one_pixel_input_runs_and_matches_torch():
@@ -102,7 +93,8 @@ def test_one_pixel_input_runs_and_matches_torch():
   x_nchw, x_nhwc = images((1, 1))
   with torch.no_grad():
     expected = torch_model(torch.from_numpy(x_nchw)).numpy().transpose(0, 2, 3, 1)
-  out = unet(num_classes=CLASSES, base_width=BASE, depth=DEPTH).apply(flax_variables(torch_model), x_nhwc)["out"]
+  model = unet(num_classes=CLASSES, base_width=BASE, depth=DEPTH)
+  out = jax.jit(model.apply)(flax_variables(torch_model), x_nhwc)["out"]
   assert out.shape == (2, 1, 1, CLASSES)
   assert_close(out, expected, "1x1")
 
@@ -121,6 +113,7 @@ def test_default_widths_are_the_papers():
   assert ours == theirs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("upsampling", ["transpose", "bilinear"])
 def test_gradients_finite_and_nonzero_for_every_parameter(upsampling):
   model = unet(num_classes=2, base_width=4, depth=2, upsampling=upsampling)
@@ -150,7 +143,7 @@ def test_registry_and_bad_options():
   assert shapes["params"]["inc"]["conv1"]["kernel"].dtype == jnp.float32  # params stay float32
   variables = flax_variables(TorchUNet(1, 4, 1))
   assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(shapes)
-  out = model.apply(variables, x)["out"]
+  out = jax.jit(model.apply)(variables, x)["out"]
   assert out.shape == (1, 9, 9, 1) and out.dtype == jnp.bfloat16
   with pytest.raises(ValueError, match="upsampling"):
     unet(upsampling="nearest")

@@ -155,7 +155,7 @@ def fcn8s_variables(reference_fcn8s, vgg_variables):
 
 
 # One size that pads evenly and one odd size in each direction (each costs a full VGG at +200 pixels: run once).
-@pytest.mark.parametrize("hw", [(224, 224), (361, 479)])
+@pytest.mark.parametrize("hw", [(224, 224), pytest.param((361, 479), marks=pytest.mark.slow)])
 def test_fcn8s_matches_torch_reference(hw, reference_fcn8s, fcn8s_variables):
   model = build_model({"name": "fcn8s", "num_classes": NUM_CLASSES})
   x = random_images(hw, seed=1)
@@ -286,7 +286,8 @@ def test_bfloat16_compute_keeps_float32_params():
 
 
 # FCN-8s has every kind of layer of each head (FCN-32s/16s differ only in upscore kernel sizes); each case compiles
-# a VGG backward pass, so two cases keep the file fast. Sizes: the smallest each variant takes, odd.
+# a VGG backward pass. Sizes: the smallest each variant takes, odd ('paper' pads by 100: a 201x201 VGG).
+@pytest.mark.slow
 @pytest.mark.parametrize("name, variant, hw", [("fcn8s", "paper", (1, 1)), ("fcn8s", "simple", (35, 33))])
 def test_gradients_finite_and_nonzero(name, variant, hw, vgg_variables):
   model = build_model({"name": name, "variant": variant, "num_classes": 3})

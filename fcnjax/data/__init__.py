@@ -12,6 +12,7 @@ Modules: config (keys and defaults), io (reading files), labels (mask values -> 
 folder (layouts), validate (the pass over files before training), sources (cfg -> examples), transforms, loader.
 """
 from fcnjax.data.config import default_config, resolve
+from fcnjax.data.folder import DataRootNotFoundError
 from fcnjax.data.io import BadFileError, find_mask, list_images, read_image, read_mask
 from fcnjax.data.loader import EvalData, TrainData, build_eval_data, build_train_data
 from fcnjax.data.sources import DatasetInfo, dataset_info
@@ -19,7 +20,7 @@ from fcnjax.data.transforms import normalize, prepare_inference_image
 from fcnjax.data.validate import BadFile
 
 __all__ = [
-    "BadFile", "BadFileError", "DatasetInfo", "EvalData", "TrainData", "build_eval_data", "build_train_data",
-    "dataset_info", "default_config", "find_mask", "list_images", "normalize", "prepare_inference_image", "read_image",
-    "read_mask", "resolve",
+    "BadFile", "BadFileError", "DataRootNotFoundError", "DatasetInfo", "EvalData", "TrainData", "build_eval_data",
+    "build_train_data", "dataset_info", "default_config", "find_mask", "list_images", "normalize",
+    "prepare_inference_image", "read_image", "read_mask", "resolve",
 ]

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import ml_collections
 
 SOURCES = ("synthetic", "tfds_pet", "folder")
-LAYOUTS = ("auto", "liver", "pet", "images_masks")
+LAYOUTS = ("auto", "liver", "pet", "images_masks", "voc")
 MASK_MODES = ("labels", "binary")
 PET_BORDER_MODES = ("class", "ignore", "pet")
 ON_BAD_FILE = ("error", "skip")

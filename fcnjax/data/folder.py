@@ -7,7 +7,9 @@ Layouts (data.layout):
                  subfolders or directly in root.
   'pet'          the raw Oxford-IIIT Pet archives: images/*.jpg, annotations/trimaps/*.png, and the split lists
                  annotations/trainval.txt (train) and annotations/test.txt (validation).
-  'auto'         the first of 'pet', 'images_masks', 'liver' whose folders are present.
+  'voc'          PASCAL VOC 2012 (VOCdevkit/VOC2012): JPEGImages/*.jpg, SegmentationClass/*.png (palette indices =
+                 class ids, 255 = void), and the split lists ImageSets/Segmentation/train.txt and val.txt.
+  'auto'         the first of 'pet', 'voc', 'images_masks', 'liver' whose folders are present.
 
 Where a layout has no split (no train/ val/ subfolders), the images are sorted by path and the LAST n go to
 validation, n = data.val_count, or round(data.val_fraction * count) when val_count is 0 (at least 1). A contiguous
@@ -28,6 +30,37 @@ from fcnjax.data.labels import LabelSpec
 TRAIN_DIRS = ("train", "training")
 VAL_DIRS = ("val", "validation", "valid")
 MASK_SUFFIX = "_mask"
+VOC_SPLITS = Path("ImageSets") / "Segmentation"
+
+# What data.root must hold, per layout: the missing-folder message tells the user.
+LAYOUT_CONTENTS = {
+    "images_masks": "images/ + masks/ with matching file names (e.g. images/00.png + masks/00.png), directly or in "
+                    "train/ and val/",
+    "liver": f"NNN.png + NNN{MASK_SUFFIX}.png files, directly or in train/ and val/",
+    "pet": "the Oxford-IIIT Pet archives unpacked: images/*.jpg, annotations/trimaps/*.png, annotations/*.txt",
+    "voc": "VOCdevkit/VOC2012: JPEGImages/, SegmentationClass/, ImageSets/Segmentation/",
+    "auto": f"files in one of the layouts of data.layout (images/ + masks/, NNN.png + NNN{MASK_SUFFIX}.png, the Pet "
+            "or VOC archives)",
+}
+
+
+class DataRootNotFoundError(FileNotFoundError):
+  """data.root names no folder. A FileNotFoundError, so the command line prints its message as one line."""
+
+  def __init__(self, root: str | os.PathLike, layout: str):
+    root = str(root)
+    where = "" if os.path.isabs(root) else f" (relative to the working directory {os.getcwd()})"
+    contents = LAYOUT_CONTENTS.get(layout, LAYOUT_CONTENTS["auto"])
+    super().__init__(f"data.root={root}: no such folder{where}; set --config.data.root=DIR, a folder holding "
+                     f"{contents} (layout {layout}; see the README's Data section)")
+    self.root, self.layout = root, layout
+
+
+def check_root(root: str | os.PathLike, layout: str) -> Path:
+  """data.root as a Path; DataRootNotFoundError where it is not a folder."""
+  if not Path(root).is_dir():
+    raise DataRootNotFoundError(root, layout)
+  return Path(root)
 
 
 class FolderPairs:
@@ -71,11 +104,11 @@ def _subfolder(root: Path, names: Sequence[str]) -> Path | None:
 
 
 def detect_layout(root: str | os.PathLike) -> str:
-  root = Path(root)
-  if not root.is_dir():
-    raise FileNotFoundError(f"data root {root}: no such folder")
+  root = check_root(root, "auto")
   if (root / "annotations" / "trimaps").is_dir():
     return "pet"
+  if (root / VOC_SPLITS).is_dir() and (root / "SegmentationClass").is_dir():
+    return "voc"
   for base in (root, _subfolder(root, TRAIN_DIRS)):
     if base is not None and (base / "images").is_dir() and (base / "masks").is_dir():
       return "images_masks"
@@ -83,9 +116,9 @@ def detect_layout(root: str | os.PathLike) -> str:
     if base is not None and base.is_dir() and any(Path(p).stem.endswith(MASK_SUFFIX) for p in io.list_images(base)):
       return "liver"
   raise FileNotFoundError(
-      f"data root {root}: cannot tell its layout; expected annotations/trimaps/ (pet), images/ + masks/ "
-      f"(images_masks) or NNN.png + NNN{MASK_SUFFIX}.png files (liver), directly or in a train/ subfolder; "
-      "set data.layout")
+      f"data root {root}: cannot tell its layout; expected annotations/trimaps/ (pet), {VOC_SPLITS}/ + "
+      f"SegmentationClass/ (voc), images/ + masks/ (images_masks) or NNN.png + NNN{MASK_SUFFIX}.png files (liver), "
+      "directly or in a train/ subfolder; set data.layout")
 
 
 def held_out_count(num_images: int, val_count: int, val_fraction: float) -> int:
@@ -151,23 +184,34 @@ def _images_masks_pairs(root: Path, split: str, val_count: int, val_fraction: fl
   return [(p, _find_mask(base / "masks", Path(p).stem)) for p in images]
 
 
-def _pet_pairs(root: Path, split: str):
-  list_file = root / "annotations" / ("trainval.txt" if split == "train" else "test.txt")
+def _listed_pairs(root: Path, list_file: Path, image_of, mask_of, layout: str) -> list[tuple[str, str | None]]:
+  """(image, mask) of every name in a split list; image_of(name) and mask_of(name) are paths below root."""
   if not list_file.is_file():
-    raise FileNotFoundError(f"{list_file}: missing; the pet layout takes its split from annotations/trainval.txt "
-                            "and annotations/test.txt")
-  # Lines are 'Abyssinian_100 1 1 1' (name, class id, species, breed id); '#' lines are comments.
+    raise FileNotFoundError(f"{list_file}: missing; the {layout} layout takes its splits from the lists in "
+                            f"{list_file.parent}")
+  # Pet lines are 'Abyssinian_100 1 1 1' (name, class id, species, breed id), VOC lines a name; '#' lines are comments.
   names = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip() and not line.startswith("#")]
   if not names:
     raise FileNotFoundError(f"{list_file}: lists no images")
   pairs = []
   for name in names:
-    image = root / "images" / f"{name}.jpg"
+    image, mask = root / image_of(name), root / mask_of(name)
     if not image.is_file():
       raise FileNotFoundError(f"{image}: listed in {list_file} but missing")
-    mask = root / "annotations" / "trimaps" / f"{name}.png"
     pairs.append((str(image), str(mask) if mask.is_file() else None))
   return pairs
+
+
+def _pet_pairs(root: Path, split: str):
+  list_file = root / "annotations" / ("trainval.txt" if split == "train" else "test.txt")
+  return _listed_pairs(root, list_file, lambda name: Path("images") / f"{name}.jpg",
+                       lambda name: Path("annotations") / "trimaps" / f"{name}.png", "pet")
+
+
+def _voc_pairs(root: Path, split: str):
+  list_file = root / VOC_SPLITS / ("train.txt" if split == "train" else "val.txt")
+  return _listed_pairs(root, list_file, lambda name: Path("JPEGImages") / f"{name}.jpg",
+                       lambda name: Path("SegmentationClass") / f"{name}.png", "voc")
 
 
 def find_pairs(root: str | os.PathLike, layout: str, split: str, *, val_count: int = 0,
@@ -175,9 +219,7 @@ def find_pairs(root: str | os.PathLike, layout: str, split: str, *, val_count: i
   """(image, mask) paths of one split, in a fixed order; mask is None where the image has no mask."""
   if split not in ("train", "validation"):
     raise ValueError(f"folder split {split!r}; expected 'train' or 'validation'")
-  root = Path(root)
-  if not root.is_dir():
-    raise FileNotFoundError(f"data root {root}: no such folder")
+  root = check_root(root, layout)
   layout = detect_layout(root) if layout == "auto" else layout
   if layout == "liver":
     return _liver_pairs(root, split, val_count, val_fraction)
@@ -185,4 +227,6 @@ def find_pairs(root: str | os.PathLike, layout: str, split: str, *, val_count: i
     return _images_masks_pairs(root, split, val_count, val_fraction)
   if layout == "pet":
     return _pet_pairs(root, split)
-  raise ValueError(f"data.layout={layout!r}; expected auto, liver, images_masks or pet")
+  if layout == "voc":
+    return _voc_pairs(root, split)
+  raise ValueError(f"data.layout={layout!r}; expected auto, liver, images_masks, pet or voc")

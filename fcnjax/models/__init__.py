@@ -7,6 +7,7 @@ with an auxiliary head, 'aux' -- what the loss needs and nothing else, like torc
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -45,7 +46,11 @@ def build_model(model_config: Mapping[str, Any]) -> nn.Module:
     if kwargs["dtype"] not in DTYPES:
       raise ValueError(f"model.dtype={kwargs['dtype']!r}; expected one of {sorted(DTYPES)}")
     kwargs["dtype"] = DTYPES[kwargs["dtype"]]
+  builder = get_builder(name)
   try:
-    return get_builder(name)(**kwargs)
+    return builder(**kwargs)
   except TypeError as e:
-    raise TypeError(f"model {name!r} does not take these options {sorted(kwargs)}: {e}") from e
+    known = set(getattr(builder, "__dataclass_fields__", ())) or set(
+        inspect.signature(builder).parameters)
+    unknown = sorted(set(kwargs) - known) if known else []
+    raise TypeError(f"model {name!r} does not take the option(s) {unknown or sorted(kwargs)}: {e}") from e

@@ -261,7 +261,7 @@ def weight_grad_by_strips(x: Array, dy: Array, kernel_shape: Sequence[int], stri
   patches(strip)^T @ dy(strip), the patches gathered per strip (kh * kw strided slices side by side)."""
   kh, kw, cin, cout = kernel_shape
   n, out_h, out_w, _ = dy.shape
-  (sh, sw), (dh, dw) = strides, dilation
+  (sh, _), (dh, _) = strides, dilation
   x = windows.pad_hw(x, pads)
 
   # XLA's GEMM wants its operands as (M, K) and (K, N); contracting both over their rows transposes the first one.
