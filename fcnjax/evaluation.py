@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 
 from fcnjax import data, metrics, parallel, steps, visualize
-from fcnjax.data import sources
+from fcnjax.data import folder, sources, validate
 from fcnjax.segmenter import Segmenter
 
 
@@ -69,16 +69,32 @@ def evaluate_batched(config, model, variables) -> np.ndarray:
   return confusion_over(eval_step, variables, eval_data, batch_sharding, num_scored_classes(info))
 
 
-def evaluate_per_image(segmenter: Segmenter, info: data.DatasetInfo) -> tuple[np.ndarray, dict]:
-  """Per-image inference (whole or tiled) on the host: the confusion matrix and, for binary data, the
-  challenge metrics (pixel error, foreground IoU / Dice, Rand error) over the whole validation stack."""
+def folder_examples(images_dir: str, masks_dir: str, data_config) -> folder.FolderPairs:
+  """Every image in `images_dir` with its mask in `masks_dir` (same stem, or STEM_mask), read with the data
+  config's label settings and checked as a training folder is (each bad file named). No split: all of them."""
+  cfg = data.resolve(data_config)
+  if not os.path.isdir(masks_dir):
+    raise FileNotFoundError(f"{masks_dir}: no such folder (--masks)")
+  pairs = [(image, data.find_mask(masks_dir, image)) for image in data.list_images(images_dir)]
+  if not pairs:
+    raise FileNotFoundError(f"{images_dir}: no images (--images)")
+  spec = sources.label_spec(cfg)
+  checked = validate.check_pairs(pairs, spec, on_bad_file=cfg.on_bad_file, what=f"{images_dir} with {masks_dir}")
+  return folder.FolderPairs(checked.pairs, spec)
+
+
+def evaluate_per_image(segmenter: Segmenter, info: data.DatasetInfo, examples=None) -> tuple[np.ndarray, dict]:
+  """Per-image inference (whole or tiled) on the host over `examples` (the validation split by default): the
+  confusion matrix and, for binary data, the challenge metrics (pixel error, foreground IoU / Dice, Rand error) over
+  the whole stack."""
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  split = sources.load_split(segmenter.data_config, "validation")
+  if examples is None:
+    examples = sources.load_split(segmenter.data_config, "validation").examples
   num_classes = num_scored_classes(info)
   confusion = np.zeros((num_classes, num_classes), np.int64)
   predictions, truths = [], []
-  for i in tqdm(range(len(split.examples)), desc="evaluate", unit="image"):
-    example = split.examples[i]
+  for i in tqdm(range(len(examples)), desc="evaluate", unit="image"):
+    example = examples[i]
     prediction = segmenter.labels(example["image"])
     confusion += np.asarray(metrics.confusion_matrix(prediction[None], example["mask"][None].astype(np.int32),
                                                      num_classes, info.ignore_index), np.int64)

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from conftest import record_parity, run_python
-from fcnjax import checkpoint, reporting, training
+from fcnjax import checkpoint, data, reporting, training
+from fcnjax.data import sources
 from reliability_helpers import tiny_config
 
 pytestmark = pytest.mark.slow  # every test here trains, or runs a command on a trained workdir
@@ -137,3 +138,28 @@ def test_predict_cli_writes_pngs(trained_workdir, tmp_path):
   assert mask.size == (17, 31) and mask.mode == "P"
   assert Image.open(out / "a_overlay.png").size == (52, 40)
   assert Image.open(out / "a_panel.png").size == (2 * 52 + 4, 40)
+
+
+def test_evaluate_cli_scores_a_folder_of_images_and_masks(trained_workdir, tmp_path):
+  """--images/--masks: the validation images written as PNG files score as the validation split does (same
+  checkpoint, whole images, no training split needed); a folder without masks is named in one line."""
+  config = tiny_config(num_steps=4)
+  split = sources.load_split(data.resolve(config.data), "validation")
+  (tmp_path / "images").mkdir()
+  (tmp_path / "masks").mkdir()
+  for i in range(len(split.examples)):
+    example = split.examples[i]
+    Image.fromarray(example["image"]).save(tmp_path / "images" / f"{i:03d}.png")
+    Image.fromarray(example["mask"].astype(np.uint8)).save(tmp_path / "masks" / f"{i:03d}.png")
+  result = run_python("-m", "fcnjax.evaluate", f"--workdir={trained_workdir}", "--checkpoint=latest",
+                      f"--images={tmp_path / 'images'}", f"--masks={tmp_path / 'masks'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  record = json.loads((trained_workdir / "evaluation.json").read_text())
+  (trained,) = [r for r in reporting.read_metrics(str(trained_workdir)) if r["kind"] == "eval"]
+  assert record["images"] == str(tmp_path / "images")
+  for key in ("miou", "pixel_accuracy", "mean_dice"):
+    assert record[key] == pytest.approx(trained[key], abs=1e-6), key
+  result = run_python("-m", "fcnjax.evaluate", f"--workdir={trained_workdir}", f"--images={tmp_path / 'images'}",
+                      f"--masks={tmp_path / 'nowhere'}")
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == f"FileNotFoundError: {tmp_path / 'nowhere'}: no such folder (--masks)"
