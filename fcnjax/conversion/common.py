@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import zipfile
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
@@ -20,7 +19,7 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     raise ImportError("reading .pth files needs PyTorch: pip install -e '.[convert]'") from e
   if not os.path.isfile(path):
     raise ConversionError(f"{path}: no such file")
-  if not (zipfile.is_zipfile(path) or _starts_like_a_pickle(path)):
+  if not _starts_like_torch_save(path):
     raise ConversionError(f"{path}: not a file written by torch.save (neither its zip format nor a legacy pickle)")
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -34,10 +33,12 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   return {k: v.detach().cpu().numpy() for k, v in obj.items() if hasattr(v, "detach")}
 
 
-def _starts_like_a_pickle(path: str) -> bool:
-  """Legacy torch.save files are pickles, which start with the PROTO opcode 0x80 (protocol 2 and later)."""
+def _starts_like_torch_save(path: str) -> bool:
+  """torch.save writes a zip archive (starting "PK\\x03\\x04") or, in its legacy format, a pickle (starting with the
+  PROTO opcode 0x80). A damaged file of either kind goes on to torch.load, whose error is reported."""
   with open(path, "rb") as f:
-    return f.read(1) == b"\x80"
+    head = f.read(4)
+  return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 def check_keys(state_dict: Mapping[str, Any], expected_shapes: Mapping[str, tuple[int, ...]], *,
