@@ -121,13 +121,8 @@ def _flat_shapes(tree, prefix: str = "") -> dict[str, tuple[int, ...]]:
   return {prefix.rstrip("/"): tuple(tree.shape)}
 
 
-def _plain(tree):
-  """flax's (possibly frozen) variables as plain nested dicts."""
-  return {k: _plain(v) for k, v in tree.items()} if hasattr(tree, "items") else tree
-
-
 def _shape_differences(expected, variables) -> list[str]:
-  want, have = _flat_shapes(_plain(expected)), _flat_shapes(variables)
+  want, have = _flat_shapes(expected), _flat_shapes(variables)
   missing = [f"{k} missing" for k in sorted(set(want) - set(have))]
   unexpected = [f"{k} unexpected" for k in sorted(set(have) - set(want))]
   shapes = [f"{k}: {have[k]} where the model has {want[k]}" for k in sorted(set(want) & set(have))
@@ -137,7 +132,7 @@ def _shape_differences(expected, variables) -> list[str]:
 
 def _class_count(expected, variables, mismatched: list[str]) -> int:
   """The weights' number of classes: the last dimension of the first head kernel whose shape differs only there."""
-  want, have = _flat_shapes(_plain(expected)), _flat_shapes(variables)
+  want, have = _flat_shapes(expected), _flat_shapes(variables)
   for key in sorted(set(want) & set(have)):
     if want[key] != have[key] and want[key][:-1] == have[key][:-1]:
       return int(have[key][-1])
