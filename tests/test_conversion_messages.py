@@ -13,7 +13,7 @@ def _zeros_state_dict(layers) -> dict[str, np.ndarray]:
 
 
 def _fcn_resnet50_state_dict(num_classes: int = 21) -> dict[str, np.ndarray]:
-  layers = [*resnet.resnet50_trunk_layers("backbone.", ("backbone",)),
+  layers = [*resnet.resnet_trunk_layers(50, "backbone.", ("backbone",)),
             *resnet.fcn_head_layers("classifier", "classifier", 2048, num_classes),
             *resnet.fcn_head_layers("aux_classifier", "aux_classifier", 1024, num_classes)]
   return _zeros_state_dict(layers)
@@ -51,7 +51,7 @@ def test_files_that_are_missing_or_not_from_torch_save_and_an_existing_output(tm
   code, err = run("--arch=resnet50", f"--pth={text}", f"--out={tmp_path / 'a'}")
   assert code == 1 and "not a file written by torch.save" in err and str(text) in err
 
-  layers = [*resnet.resnet50_trunk_layers("", ("backbone",)), ("fc", ("fc",), "linear", (10, 2048))]
+  layers = [*resnet.resnet_trunk_layers(50, "", ("backbone",)), ("fc", ("fc",), "linear", (10, 2048))]
   pth = tmp_path / "resnet50.pth"
   torch.save({k: torch.from_numpy(v) for k, v in _zeros_state_dict(layers).items()}, pth)
   out = tmp_path / "converted"

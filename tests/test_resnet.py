@@ -21,7 +21,7 @@ import torchvision  # noqa: E402
 from fcnjax.conversion.common import ConversionError  # noqa: E402
 from fcnjax.conversion.resnet import convert_fcn_resnet50, convert_resnet50  # noqa: E402
 from fcnjax.models.fcn_resnet import fcn_resnet50  # noqa: E402
-from fcnjax.models.resnet import ResNet50Trunk, resnet50  # noqa: E402
+from fcnjax.models.resnet import ResNetTrunk, resnet50, resnet_trunk  # noqa: E402
 
 # max|fcnjax - torch| <= RTOL * max|torch| on every compared tensor (float32 on CPU; measured ~1e-6 relative).
 RTOL = 1e-4
@@ -92,7 +92,7 @@ def test_resnet50_logits_and_layer4_match_torchvision(torch_resnet50):
 
   variables = convert_resnet50(torch_resnet50.state_dict())
   model = resnet50(num_classes=10)
-  is_trunk = lambda module, method: isinstance(module, ResNet50Trunk)  # noqa: E731
+  is_trunk = lambda module, method: isinstance(module, ResNetTrunk)  # noqa: E731
   out, state = jax.jit(lambda v, x: model.apply(v, x, capture_intermediates=is_trunk))(variables, nchw_to_nhwc(x))
   layer4 = state["intermediates"]["backbone"]["__call__"][0]["layer4"]
 
@@ -134,7 +134,7 @@ def test_fcn_resnet50_output_shapes(aux_loss):
 def test_fcn_trunk_has_output_stride_8_and_resnet50_32():
   x = jnp.zeros((1, 64, 96, 3))
   for dilation, stride in [((False, True, True), 8), ((False, False, False), 32)]:
-    trunk = ResNet50Trunk(dilation)
+    trunk = resnet_trunk(50, dilation)
     features = jax.eval_shape(lambda x: trunk.init_with_output(jax.random.key(0), x)[0], x)
     assert features["layer4"].shape == (1, 64 // stride, 96 // stride, 2048)
     assert features["layer3"].shape == (1, 64 // min(stride, 16), 96 // min(stride, 16), 1024)

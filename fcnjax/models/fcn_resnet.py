@@ -1,10 +1,12 @@
-"""torchvision's fcn_resnet50: a dilated ResNet-50 (output stride 8) with FCNHead on layer4 and, optionally, on layer3.
+"""torchvision's fcn_resnet50 / fcn_resnet101: a dilated ResNet (output stride 8) with FCNHead on layer4 and,
+optionally, on layer3.
 
 Follows torchvision/models/segmentation/fcn.py and _utils.py: each head's logits are resized to the input size with
 bilinear interpolation, align_corners=False.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -12,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from fcnjax.ops import resize
-from fcnjax.models.resnet import ResNet50Trunk, batch_norm, conv
+from fcnjax.models.resnet import batch_norm, conv, resnet_trunk
 
 Array = jax.Array
 
@@ -37,7 +39,14 @@ class FCNHead(nn.Module):
     return conv(self.num_classes, 1, self.dtype, "score", use_bias=True)(x)
 
 
-class FCNResNet50(nn.Module):
+def resized(logits: Array, size) -> Array:
+  """torchvision's _SimpleSegmentationModel: every head's logits go back to the input size."""
+  return resize(logits, size, "bilinear", align_corners=False)
+
+
+class FCNResNet(nn.Module):
+  """FCN on a ResNet-`depth` trunk (50 or 101; torchvision builds FCN on no other)."""
+  depth: int = 50
   num_classes: int = 21
   aux_loss: bool = True
   dtype: Any = jnp.float32
@@ -45,14 +54,18 @@ class FCNResNet50(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
     size = x.shape[1:3]
-    features = ResNet50Trunk(FCN_DILATION, self.dtype, name="backbone")(x, train)
+    features = resnet_trunk(self.depth, FCN_DILATION, self.dtype, name="backbone")(x, train)
     out = FCNHead(self.num_classes, self.dtype, name="classifier")(features["layer4"], train)
-    result = {"out": resize(out, size, "bilinear", align_corners=False)}
+    result = {"out": resized(out, size)}
     if self.aux_loss:
       aux = FCNHead(self.num_classes, self.dtype, name="aux_classifier")(features["layer3"], train)
-      result["aux"] = resize(aux, size, "bilinear", align_corners=False)
+      result["aux"] = resized(aux, size)
     return result
 
 
-def fcn_resnet50(*, num_classes: int = 21, aux_loss: bool = True, dtype: Any = jnp.float32) -> FCNResNet50:
-  return FCNResNet50(num_classes=num_classes, aux_loss=aux_loss, dtype=dtype)
+def _fcn_resnet(depth: int, *, num_classes: int = 21, aux_loss: bool = True, dtype: Any = jnp.float32) -> FCNResNet:
+  return FCNResNet(depth=depth, num_classes=num_classes, aux_loss=aux_loss, dtype=dtype)
+
+
+fcn_resnet50 = functools.partial(_fcn_resnet, 50)
+fcn_resnet101 = functools.partial(_fcn_resnet, 101)
