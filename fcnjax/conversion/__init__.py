@@ -9,7 +9,13 @@ from fcnjax.conversion.common import ConversionError, load_state_dict  # noqa: F
 CONVERTERS = {
     "vgg16": ("fcnjax.conversion.vgg:convert_vgg16", "vgg16"),
     "resnet50": ("fcnjax.conversion.resnet:convert_resnet50", "resnet50"),
+    "resnet18": ("fcnjax.conversion.resnet:convert_resnet18", "resnet18"),
+    "resnet34": ("fcnjax.conversion.resnet:convert_resnet34", "resnet34"),
+    "resnet101": ("fcnjax.conversion.resnet:convert_resnet101", "resnet101"),
     "fcn_resnet50": ("fcnjax.conversion.resnet:convert_fcn_resnet50", "fcn_resnet50"),
+    "fcn_resnet101": ("fcnjax.conversion.resnet:convert_fcn_resnet101", "fcn_resnet101"),
+    "deeplabv3_resnet50": ("fcnjax.conversion.deeplabv3:convert_deeplabv3_resnet50", "deeplabv3_resnet50"),
+    "deeplabv3_resnet101": ("fcnjax.conversion.deeplabv3:convert_deeplabv3_resnet101", "deeplabv3_resnet101"),
 }
 
 

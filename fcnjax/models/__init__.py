@@ -21,7 +21,13 @@ MODELS = {
     "fcn8s": "fcnjax.models.fcn:fcn8s",
     "unet": "fcnjax.models.unet:unet",
     "resnet50": "fcnjax.models.resnet:resnet50",
+    "resnet18": "fcnjax.models.resnet:resnet18",
+    "resnet34": "fcnjax.models.resnet:resnet34",
+    "resnet101": "fcnjax.models.resnet:resnet101",
     "fcn_resnet50": "fcnjax.models.fcn_resnet:fcn_resnet50",
+    "fcn_resnet101": "fcnjax.models.fcn_resnet:fcn_resnet101",
+    "deeplabv3_resnet50": "fcnjax.models.deeplabv3:deeplabv3_resnet50",
+    "deeplabv3_resnet101": "fcnjax.models.deeplabv3:deeplabv3_resnet101",
 }
 
 # Config keys that describe how to initialise a model rather than the model itself.
