@@ -19,12 +19,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fcnjax import checkpoint, data, evaluation, metrics, models, optim, parallel, plots, reporting, steps
+from fcnjax import checkpoint, data, evaluation, losses, metrics, models, optim, parallel, plots, reporting, steps
 from fcnjax.ops import native
 from fcnjax.segmenter import Segmenter
-
-BINARY_LOSSES = ("bce", "bce+dice", "dice")
-MULTICLASS_LOSSES = ("cross_entropy", "ce+dice", "dice")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -123,10 +120,10 @@ def check_config(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> N
   if config.model.num_classes != expected:
     raise ValueError(f"model.num_classes={config.model.num_classes} but the data has {info.num_classes} classes "
                      f"({'binary: use 1 output with a sigmoid loss' if info.binary else ', '.join(info.class_names)})")
-  allowed = BINARY_LOSSES if info.binary else MULTICLASS_LOSSES
-  if config.loss.name not in allowed:
+  if not losses.fits(config.loss.name, info.binary):
+    refused = losses.MULTICLASS_ONLY if info.binary else losses.BINARY_ONLY
     raise ValueError(f"loss.name={config.loss.name!r} does not fit {'binary' if info.binary else 'multi-class'} "
-                     f"data; use one of {allowed}")
+                     f"data; use a loss without {' or '.join(refused)} (terms: {', '.join(losses.TERMS)})")
 
 
 def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:

@@ -232,8 +232,8 @@ def test_segmentation_loss_without_aux_and_errors():
   loss, parts = losses.segmentation_loss({"out": jnp.asarray(out)}, jnp.asarray(labels), losses.default_config())
   assert "aux" not in parts
   np.testing.assert_allclose(float(loss), _torch_ce(out, labels, ignore_index=255).item(), rtol=1e-5)
-  with pytest.raises(ValueError, match="'focal' is not one of"):
-    losses.segmentation_loss({"out": jnp.asarray(out)}, jnp.asarray(labels), _config(name="focal"))
+  with pytest.raises(ValueError, match="'hinge' is not one of"):
+    losses.segmentation_loss({"out": jnp.asarray(out)}, jnp.asarray(labels), _config(name="hinge"))
   with pytest.raises(ValueError, match="needs one logit channel"):
     losses.segmentation_loss({"out": jnp.asarray(out)}, jnp.asarray(labels), _config(name="bce"))
   with pytest.raises(ValueError, match="class_weights must have shape"):
