@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from typing import Any
 
@@ -149,9 +150,34 @@ class Checkpoints:
           purge_deleted_steps(str(manager.directory))
 
   def close(self) -> None:
-    self.latest.close()
-    if self.best is not None:
-      self.best.close()
+    """Closes both managers, raising the first failure after both are closed. After a failed save (a full disk),
+    orbax's other writes of that save may still be running: they are waited for here, or they would fail at
+    interpreter exit with a traceback of their own ('cannot schedule new futures after shutdown')."""
+    errors = []
+    for manager in (self.latest, self.best):
+      if manager is not None:
+        try:
+          manager.close()
+        except Exception as e:  # pylint: disable=broad-except
+          errors.append(e)
+    join_background_writes()
+    if errors:
+      raise errors[0]
+
+
+# Bounds the wait for the writes of a failed save: each is a write to the local or network disk of one step.
+BACKGROUND_WRITE_TIMEOUT_S = 120
+
+
+def join_background_writes(timeout: float = BACKGROUND_WRITE_TIMEOUT_S) -> None:
+  """Waits for orbax's background save threads still running; their failures are orbax's to log, not raised here."""
+  from orbax.checkpoint._src.futures import future  # pylint: disable=g-import-not-at-top
+  save_thread = future._SignalingThread  # pylint: disable=protected-access
+  deadline = time.monotonic() + timeout
+  for thread in threading.enumerate():
+    if isinstance(thread, save_thread) and thread is not threading.current_thread():
+      # threading.Thread's join: orbax's own re-raises the thread's failure, which the save has reported already.
+      threading.Thread.join(thread, max(0.0, deadline - time.monotonic()))
 
 
 def on_one_device(saved_metadata: Any) -> Any:

@@ -8,6 +8,8 @@ from typing import Callable
 
 from absl import app, flags, logging
 
+from fcnjax import diskspace
+
 # Errors that a user's input causes (a missing file or folder, a bad file, a config or checkpoint that does not fit,
 # a diverging or oversized run): their message says what to change, so the command prints it as one line.
 USER_ERRORS = (OSError, ValueError, ArithmeticError, RuntimeError)
@@ -23,6 +25,7 @@ def run(main: Callable[[list[str]], None]) -> None:
     # Orbax and JAX log every checkpoint step at INFO: keep the console to the progress bar unless --verbosity.
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
+      logging.get_absl_logger().addFilter(_without_disk_full_tracebacks)
     try:
       return main(argv)
     except USER_ERRORS as error:
@@ -33,6 +36,14 @@ def run(main: Callable[[list[str]], None]) -> None:
       raise SystemExit(1) from None
 
   app.run(guarded_main)
+
+
+def _without_disk_full_tracebacks(record) -> bool:
+  """False for a log record about a full disk: orbax logs each failed background write with its traceback, and the
+  run then stops with diskspace.DiskFullError, whose one line says the same with where and what to do."""
+  if record.exc_info and record.exc_info[1] is not None and diskspace.is_disk_full(record.exc_info[1]):
+    return False
+  return not diskspace.text_is_disk_full(record.getMessage())
 
 
 def default_workdir(config_path: str) -> str:

@@ -42,8 +42,20 @@ class MetricWriter:
     self._tensorboard.flush()
 
   def close(self) -> None:
-    if self._tensorboard is not None:
-      self._tensorboard.close()
+    """Flushes and closes the TensorBoard files. Where the flush fails (a full disk), the files are given up and
+    their writer thread stopped: else tensorboardX's exit hook flushes them again and prints the same error at exit,
+    and the thread dies at exit with a traceback of its own."""
+    tensorboard, self._tensorboard = self._tensorboard, None
+    if tensorboard is None:
+      return
+    try:
+      tensorboard.close()
+    except OSError:
+      for writer in (tensorboard.all_writers or {}).values():
+        events = writer.event_writer
+        events._worker.stop()  # pylint: disable=protected-access
+        events._closed = True  # pylint: disable=protected-access
+      raise
 
 
 def read_metrics(workdir: str) -> list[dict]:

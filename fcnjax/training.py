@@ -20,6 +20,7 @@ import numpy as np
 from absl import logging
 
 from fcnjax import checkpoint, data, evaluation, losses, metrics, models, optim, parallel, plots, reporting, steps
+from fcnjax import diskspace
 from fcnjax.ops import native
 from fcnjax.segmenter import Segmenter
 
@@ -50,6 +51,23 @@ def _explain_out_of_memory(train_fn):
           "--config.eval.batch_size if it failed while evaluating), or --config.model.dtype=bfloat16 for "
           "mixed precision; `python -m benchmarks.memory --budget_gb=<GB>` finds the largest batch that fits. "
           f"XLA said: {str(e).splitlines()[0][:300]}") from e
+
+  return wrapper
+
+
+def _explain_disk_full(train_fn):
+  """A full disk reaches the loop as OSError(ENOSPC) or as tensorstore's RESOURCE_EXHAUSTED text, raised from
+  orbax's background writes or a metrics file: say it as one line naming the workdir's filesystem, its free space
+  and the checkpoint that a rerun resumes from."""
+
+  @functools.wraps(train_fn)
+  def wrapper(config: ml_collections.ConfigDict, workdir: str):
+    try:
+      return train_fn(config, workdir)
+    except Exception as e:  # pylint: disable=broad-except
+      if isinstance(e, diskspace.DiskFullError) or not diskspace.is_disk_full(e):
+        raise
+      raise diskspace.training_disk_full_error(e, workdir) from e
 
   return wrapper
 
@@ -155,6 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 @_explain_out_of_memory
+@_explain_disk_full
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
@@ -267,15 +286,29 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         progress.write(f"{reason}: saved a checkpoint at step {done} in {workdir}; run the same command to resume")
         summary.update(interrupted_at=done, signal=reason)
         break
-  finally:
-    progress.close()
-    ckpts.wait()
-    ckpts.close()
-    writer.close()
-    restore_signals()
+  except BaseException:
+    # The loop's error is the one to report: a save still in flight may fail too (the same full disk), and the
+    # writers must still close, or tensorboardX's exit hook retries the flush and prints its own traceback.
+    _close_all(progress.close, ckpts.wait, ckpts.close, writer.close, restore_signals, quiet=True)
+    raise
+  _close_all(progress.close, ckpts.wait, ckpts.close, writer.close, restore_signals)
   if is_main and "interrupted_at" not in summary:
     _finish(config, workdir, state)
   return summary
+
+
+def _close_all(*closers: Callable[[], Any], quiet: bool = False) -> None:
+  """Calls every closer even when one fails; then raises the first failure, or with `quiet` only logs it."""
+  first = None
+  for close in closers:
+    try:
+      close()
+    except Exception as e:  # pylint: disable=broad-except
+      if quiet:
+        logging.info("while stopping after an error: %s", e)
+      first = first or e
+  if first is not None and not quiet:
+    raise first
 
 
 def _variables_of(state) -> dict:

@@ -215,10 +215,12 @@ def install_fault(spec: str) -> None:
                            step is fully written, commit_success.txt included, but not committed
     slow_start:S           S seconds of sleep before the model is initialised: a host that compiles or loads its
                            data that much later than its peers
+    enospc_in_save:D       the save of step directory D (relative to the workdir, e.g. checkpoints/5) fails with
+                           OSError(ENOSPC) half-way through writing its model record, as on a full disk
   """
   name, _, arg = spec.partition(":")
   faults = {"nan_at_step": _nan_at_step, "oom_at_step": _oom_at_step, "kill_in_delete": _kill_in_delete,
-            "kill_before_rename": _kill_before_rename, "slow_start": _slow_start}
+            "kill_before_rename": _kill_before_rename, "slow_start": _slow_start, "enospc_in_save": _enospc_in_save}
   faults[name](arg)
 
 
@@ -311,3 +313,24 @@ def _kill_before_rename(arg: str) -> None:
     return await original(src, dst)
 
   async_path.rename = rename
+
+
+def _enospc_in_save(target: str) -> None:
+  import errno  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler  # pylint: disable=g-import-not-at-top
+  handler = json_checkpoint_handler.JsonCheckpointHandler
+  original = handler._save_fn  # pylint: disable=protected-access
+  folder, step = pathlib.Path(target).parent.name, pathlib.Path(target).name
+
+  async def save_fn(self, x, directory):
+    parts = pathlib.Path(os.fspath(directory)).parts
+    if folder in parts and parts[parts.index(folder) + 1].split(".")[0] == step:
+      path = pathlib.Path(os.fspath(directory)) / self._filename  # pylint: disable=protected-access
+      text = json.dumps(x)
+      with open(path, "w") as f:
+        f.write(text[:len(text) // 2])
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return await original(self, x, directory)
+
+  handler._save_fn = save_fn  # pylint: disable=protected-access
