@@ -1,6 +1,8 @@
 """torchvision .pth -> Flax variables directory for fcnjax.
 
   python conversions/convert_torchvision.py --arch vgg16 --pth vgg16-397923af.pth --out weights/vgg16
+  python conversions/convert_torchvision.py --arch deeplabv3_resnet50 --pth deeplabv3_resnet50_coco-cd0a2569.pth \\
+      --out weights/deeplabv3_resnet50_coco
 
 The mapping itself lives in fcnjax.conversion (one function per architecture); this is the command-line front end.
 It exits with status 1 and the converter's message (which names the missing, unexpected or mis-shaped keys) when the
