@@ -80,7 +80,7 @@ def folder_examples(images_dir: str, masks_dir: str, data_config) -> folder.Fold
     raise FileNotFoundError(f"{images_dir}: no images (--images)")
   spec = sources.label_spec(cfg)
   checked = validate.check_pairs(pairs, spec, on_bad_file=cfg.on_bad_file, what=f"{images_dir} with {masks_dir}")
-  return folder.FolderPairs(checked.pairs, spec)
+  return folder.FolderPairs(checked.pairs, spec, checked=True, on_bad_file=cfg.on_bad_file)
 
 
 def evaluate_per_image(segmenter: Segmenter, info: data.DatasetInfo, examples=None) -> tuple[np.ndarray, dict]:
@@ -95,6 +95,8 @@ def evaluate_per_image(segmenter: Segmenter, info: data.DatasetInfo, examples=No
   predictions, truths = [], []
   for i in tqdm(range(len(examples)), desc="evaluate", unit="image"):
     example = examples[i]
+    if example.get(folder.UNREADABLE, -1) >= 0:
+      continue  # read in place of a file gone since the check (data.on_bad_file='skip'): scored under its own index
     prediction = segmenter.labels(example["image"])
     confusion += np.asarray(metrics.confusion_matrix(prediction[None], example["mask"][None].astype(np.int32),
                                                      num_classes, info.ignore_index), np.int64)
@@ -111,6 +113,8 @@ def write_validation_predictions(segmenter: Segmenter, out_dir: str, count: int)
   written = 0
   for i in range(min(count, len(split.examples))):
     example = split.examples[i]
+    if example.get(folder.UNREADABLE, -1) >= 0:
+      continue  # another image, read in place of a file gone since the check (data.on_bad_file='skip')
     name = split.examples.name(i) if hasattr(split.examples, "name") else f"{i:04d}"
     visualize.write_prediction(out_dir, os.path.splitext(os.path.basename(str(name)))[0], example["image"],
                                segmenter.labels(example["image"]), example["mask"],

@@ -215,12 +215,15 @@ def install_fault(spec: str) -> None:
                            step is fully written, commit_success.txt included, but not committed
     slow_start:S           S seconds of sleep before the model is initialised: a host that compiles or loads its
                            data that much later than its peers
+    delete_after_batch:K,P  delete file P once this process has taken its K-th training batch: data that changes
+                           under the running job
     enospc_in_save:D       the save of step directory D (relative to the workdir, e.g. checkpoints/5) fails with
                            OSError(ENOSPC) half-way through writing its model record, as on a full disk
   """
   name, _, arg = spec.partition(":")
   faults = {"nan_at_step": _nan_at_step, "oom_at_step": _oom_at_step, "kill_in_delete": _kill_in_delete,
-            "kill_before_rename": _kill_before_rename, "slow_start": _slow_start, "enospc_in_save": _enospc_in_save}
+            "kill_before_rename": _kill_before_rename, "slow_start": _slow_start, "enospc_in_save": _enospc_in_save,
+            "delete_after_batch": _delete_after_batch}
   faults[name](arg)
 
 
@@ -313,6 +316,17 @@ def _kill_before_rename(arg: str) -> None:
     return await original(src, dst)
 
   async_path.rename = rename
+
+
+def _delete_after_batch(arg: str) -> None:
+  after, _, path = arg.partition(",")
+
+  def delete(call, batch):
+    if call == int(after):
+      os.remove(path)
+    return batch
+
+  _train_batches_counter(delete)
 
 
 def _enospc_in_save(target: str) -> None:

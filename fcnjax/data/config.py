@@ -50,7 +50,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.val_count = 0                   # for layouts without a split: the last val_count files (sorted) validate...
   c.val_fraction = 0.1              # ...or, when val_count is 0, the last round(val_fraction * n) of them
   c.validate = True                 # check every file of the split before the first step (folder sources)
-  c.on_bad_file = "error"           # 'error' stops at the first bad file; 'skip' logs it and leaves it out
+  c.on_bad_file = "error"           # 'error' stops at a bad file; 'skip' logs it and leaves it out (at the check
+                                    # before the first step, or when it changes during the run)
 
   # training transforms (numpy, per-example RNG from (seed, global example index))
   c.crop_size = 0                   # square crop; 0 = the native size of a fixed-size set

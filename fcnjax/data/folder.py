@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from absl import logging
 
 from fcnjax.data import io
 from fcnjax.data.labels import LabelSpec
@@ -63,11 +64,23 @@ def check_root(root: str | os.PathLike, layout: str) -> Path:
   return Path(root)
 
 
-class FolderPairs:
-  """Random-access sequence of {'image', 'mask'} read from (image path, mask path) pairs."""
+# With on_bad_file='skip', every example carries this key: -1, or for an example read in place of a pair whose file
+# could not be read, 2 * (that pair's index) + (0 for its image, 1 for its mask); the loader counts and drops it.
+UNREADABLE = "unreadable"
 
-  def __init__(self, pairs: Sequence[tuple[str, str]], labels: LabelSpec):
-    self.pairs, self.labels = list(pairs), labels
+
+class FolderPairs:
+  """Random-access sequence of {'image', 'mask'} read from (image path, mask path) pairs.
+
+  `checked`: the files passed validate.check_pairs before the run, so one that fails to read now changed since
+  (deleted or rewritten by a sync job or a user): its error says so, or with on_bad_file='skip' the next readable pair
+  takes its place, marked with UNREADABLE so that it is counted and never scored twice.
+  """
+
+  def __init__(self, pairs: Sequence[tuple[str, str]], labels: LabelSpec, *, checked: bool = False,
+               on_bad_file: str = "error"):
+    self.pairs, self.labels, self.checked, self.on_bad_file = list(pairs), labels, checked, on_bad_file
+    self._warned: set[str] = set()
 
   def __len__(self) -> int:
     return len(self.pairs)
@@ -75,12 +88,50 @@ class FolderPairs:
   def name(self, index: int) -> str:
     return self.pairs[index][0]
 
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    image_path, mask_path = self.pairs[int(index)]
+  def unreadable_path(self, code: int) -> str:
+    """The file an UNREADABLE code (>= 0) names."""
+    return self.pairs[code // 2][code % 2]
+
+  def _read(self, index: int) -> dict[str, np.ndarray]:
+    image_path, mask_path = self.pairs[index]
     image = io.read_image(image_path)
     mask = self.labels.decode(io.read_mask_values(mask_path), mask_path)
     check_same_size(image_path, image.shape[:2], mask_path, mask.shape)
     return {"image": image, "mask": mask}
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    index = int(index)
+    skip = self.on_bad_file == "skip"
+    try:
+      example = self._read(index)
+    except io.BadFileError as e:
+      if not self.checked:
+        raise
+      if not skip:
+        raise io.BadFileError(e.path, f"{e.reason}; it passed the check before the first step, so it changed while "
+                                      "the run was reading the data (deleted or rewritten): restore it, or set "
+                                      "data.on_bad_file='skip' to leave such files out") from None
+      return self._in_place_of(index, e)
+    if skip:
+      example[UNREADABLE] = np.int32(-1)
+    return example
+
+  def _in_place_of(self, index: int, error: io.BadFileError) -> dict[str, np.ndarray]:
+    """The next readable pair after `index`, marked as read in place of the file that `error` names."""
+    code = 2 * index + (1 if error.path == self.pairs[index][1] else 0)
+    for offset in range(len(self.pairs)):
+      if error.path not in self._warned:  # once per file and process: a file gone stays gone every epoch
+        self._warned.add(error.path)
+        logging.warning("skipping %s: %s; it was readable at the check before the first step "
+                        "(data.on_bad_file='skip')", error.path, error.reason)
+      try:
+        example = self._read((index + offset + 1) % len(self.pairs))
+      except io.BadFileError as e:
+        error = e
+        continue
+      example[UNREADABLE] = np.int32(code)
+      return example
+    raise io.BadFileError(error.path, f"{error.reason}; no file of this split can be read any more")
 
 
 def check_same_size(image_path: str, image_hw, mask_path: str, mask_hw) -> None:

@@ -18,6 +18,10 @@ class BadFileError(ValueError):
     self.reason = reason
     super().__init__(f"{self.path}: {reason}")
 
+  def __reduce__(self):
+    # A grain worker process sends its error to the main one pickled; the default would call cls(message).
+    return type(self), (self.path, self.reason)
+
 
 def is_image_file(path: str | os.PathLike) -> bool:
   name = os.path.basename(str(path))

@@ -17,7 +17,7 @@ import grain
 import numpy as np
 from absl import flags, logging
 
-from fcnjax.data import sources, transforms
+from fcnjax.data import folder, sources, transforms
 from fcnjax.data.config import resolve
 from fcnjax.data.validate import BadFile
 
@@ -53,7 +53,31 @@ class _ApplyTransform:
     self.transform = transform
 
   def __call__(self, example, rng):
-    return self.transform(example, rng)
+    return _keep_unreadable(example, lambda e: self.transform(e, rng))
+
+
+def _keep_unreadable(example: dict, transform) -> Batch:
+  """transform(example) with the example's UNREADABLE mark carried through (the transforms know only the arrays)."""
+  example = dict(example)
+  unreadable = example.pop(folder.UNREADABLE, None)
+  out = transform(example)
+  if unreadable is not None:
+    out[folder.UNREADABLE] = unreadable
+  return out
+
+
+def _count_unreadable(batches: Iterator[Batch], examples, skipped_files: list[BadFile]) -> Iterator[Batch]:
+  """The batches without their UNREADABLE marks; each file they name is added to skipped_files once."""
+  seen = {bad.path for bad in skipped_files}
+  for batch in batches:
+    codes = batch.pop(folder.UNREADABLE, None)
+    if codes is not None:
+      for code in np.unique(codes[codes >= 0]):
+        path = examples.unreadable_path(int(code))
+        if path not in seen:
+          seen.add(path)
+          skipped_files.append(BadFile(path, "unreadable during the run (data.on_bad_file='skip')"))
+    yield batch
 
 
 @dataclasses.dataclass
@@ -62,8 +86,9 @@ class TrainData:
   num_examples: int
   batch_size: int                      # global
   local_batch_size: int
-  skipped_files: list[BadFile]
+  skipped_files: list[BadFile]         # at the check before the run, then each file found unreadable during it
   cfg: Any
+  examples: Any = None
 
   @property
   def steps_per_epoch(self) -> int:
@@ -74,7 +99,7 @@ class TrainData:
     with data.border_weight)."""
     if start_step < 0:
       raise ValueError(f"start_step={start_step} must be >= 0")
-    return iter(_to_iter(self.dataset[start_step:], self.cfg))
+    return _count_unreadable(iter(_to_iter(self.dataset[start_step:], self.cfg)), self.examples, self.skipped_files)
 
 
 def _train_crop(cfg, split: sources.Split) -> tuple[int, int]:
@@ -109,7 +134,7 @@ def build_train_data(cfg, *, batch_size: int, seed: int, process_index: int = 0,
   logging.info("train data: %d examples, global batch %d (%d on process %d of %d), %d skipped files",
                len(split.examples), batch_size, local, process_index, process_count, len(split.skipped_files))
   return TrainData(dataset=ds, num_examples=len(split.examples), batch_size=batch_size, local_batch_size=local,
-                   skipped_files=split.skipped_files, cfg=cfg)
+                   skipped_files=split.skipped_files, cfg=cfg, examples=split.examples)
 
 
 class _PaddedEval:
@@ -123,7 +148,13 @@ class _PaddedEval:
 
   def __getitem__(self, index: int) -> Batch:
     valid = index < len(self.examples)
-    return self.transform(self.examples[index if valid else 0], valid=valid)
+    example = self.examples[index if valid else 0]
+    # An example read in place of an unreadable one is not scored: each image counts once, or not at all.
+    replaced = int(example.get(folder.UNREADABLE, -1)) >= 0
+    out = _keep_unreadable(example, lambda e: self.transform(e, valid=valid and not replaced))
+    if not valid and folder.UNREADABLE in out:
+      out[folder.UNREADABLE] = np.int32(-1)  # padding copies of example 0 are not a further file
+    return out
 
 
 @dataclasses.dataclass
@@ -135,12 +166,13 @@ class EvalData:
   canvas: tuple[int, int]
   skipped_files: list[BadFile]
   cfg: Any
+  examples: Any = None
 
   def __len__(self) -> int:
     return self.num_batches
 
   def __iter__(self) -> Iterator[Batch]:
-    return iter(_to_iter(self.dataset, self.cfg))
+    return _count_unreadable(iter(_to_iter(self.dataset, self.cfg)), self.examples, self.skipped_files)
 
 
 def _eval_geometry(cfg, split: sources.Split) -> tuple[tuple[int, int] | None, tuple[int, int]]:
@@ -176,4 +208,4 @@ def build_eval_data(cfg, *, split: str = "validation", batch_size: int, process_
   ds = grain.MapDataset.source(_PaddedEval(data.examples, num_batches * batch_size, transform))
   ds = ds.batch(local, drop_remainder=True)[process_index::process_count]
   return EvalData(dataset=ds, num_examples=len(data.examples), num_batches=num_batches, eval_size=eval_size,
-                  canvas=canvas, skipped_files=data.skipped_files, cfg=cfg)
+                  canvas=canvas, skipped_files=data.skipped_files, cfg=cfg, examples=data.examples)

@@ -94,7 +94,8 @@ def _folder_split(cfg, split: str) -> Split:
   what = f"{cfg.root} ({split})"
   if cfg.validate:
     checked = validate.check_pairs(pairs, spec, on_bad_file=cfg.on_bad_file, what=what)
-    return Split(folder.FolderPairs(checked.pairs, spec), checked.sizes, checked.skipped)
+    return Split(folder.FolderPairs(checked.pairs, spec, checked=True, on_bad_file=cfg.on_bad_file), checked.sizes,
+                 checked.skipped)
   missing = [image for image, mask in pairs if mask is None]
   if missing:  # found while listing, so reported even without the validation pass
     raise FileNotFoundError(f"{what}: {len(missing)} images have no mask:{validate.format_list(missing)}")
