@@ -16,6 +16,10 @@ CONVERTERS = {
     "fcn_resnet101": ("fcnjax.conversion.resnet:convert_fcn_resnet101", "fcn_resnet101"),
     "deeplabv3_resnet50": ("fcnjax.conversion.deeplabv3:convert_deeplabv3_resnet50", "deeplabv3_resnet50"),
     "deeplabv3_resnet101": ("fcnjax.conversion.deeplabv3:convert_deeplabv3_resnet101", "deeplabv3_resnet101"),
+    "smp_unet": ("fcnjax.conversion.smp:convert_smp_unet", "smp_unet"),
+    "smp_deeplabv3plus": ("fcnjax.conversion.smp:convert_smp_deeplabv3plus", "smp_deeplabv3plus"),
+    # A torchvision resnet18/34/50/101 file as the encoder ('backbone') of either smp model.
+    "smp_encoder": ("fcnjax.conversion.smp:convert_smp_encoder", "smp_unet or smp_deeplabv3plus"),
 }
 
 

@@ -28,6 +28,8 @@ MODELS = {
     "fcn_resnet101": "fcnjax.models.fcn_resnet:fcn_resnet101",
     "deeplabv3_resnet50": "fcnjax.models.deeplabv3:deeplabv3_resnet50",
     "deeplabv3_resnet101": "fcnjax.models.deeplabv3:deeplabv3_resnet101",
+    "smp_unet": "fcnjax.models.smp:smp_unet",
+    "smp_deeplabv3plus": "fcnjax.models.smp:smp_deeplabv3plus",
 }
 
 # Config keys that describe how to initialise a model rather than the model itself.

@@ -40,7 +40,11 @@ def conv(features: int, kernel: int, dtype: Any, name: str, stride: int = 1, dil
 
 
 class BasicBlock(nn.Module):
-  """torchvision's BasicBlock (ResNet-18/34): 3x3 (carries the stride) -> 3x3, plus shortcut."""
+  """torchvision's BasicBlock (ResNet-18/34): 3x3 (carries the stride) -> 3x3, plus shortcut.
+
+  torchvision refuses to dilate it; segmentation_models_pytorch's encoders dilate it after construction, both 3x3
+  convolutions padded by the rate (`dilation` here, reached only through ResNetTrunk.stage_dilation).
+  """
   planes: int
   stride: int = 1
   dilation: int = 1
@@ -50,12 +54,10 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    if self.dilation > 1:
-      raise ValueError("BasicBlock (resnet18/resnet34) does not support dilation, as in torchvision: use "
-                       "replace_stride_with_dilation=(False, False, False)")
-    y = conv(self.planes, 3, self.dtype, "conv1", stride=self.stride, padding=1)(x)
+    d = self.dilation
+    y = conv(self.planes, 3, self.dtype, "conv1", stride=self.stride, dilation=d, padding=d)(x)
     y = nn.relu(batch_norm(train, self.dtype, "bn1")(y))
-    y = conv(self.planes, 3, self.dtype, "conv2", padding=1)(y)
+    y = conv(self.planes, 3, self.dtype, "conv2", dilation=d, padding=d)(y)
     y = batch_norm(train, self.dtype, "bn2")(y)
     return nn.relu(y + shortcut(x, self.planes, self.stride, self.downsample, train, self.dtype))
 
@@ -101,19 +103,35 @@ ARCHITECTURES = {
 
 
 def stage_plan(replace_stride_with_dilation: Sequence[bool], stage_sizes: Sequence[int] = (3, 4, 6, 3),
-               expansion: int = Bottleneck.expansion):
+               expansion: int = Bottleneck.expansion, stage_dilation: Sequence[int] | None = None):
   """Yields (block name, planes, stride, dilation, downsample) exactly as torchvision's ResNet._make_layer.
 
   When a stage trades its stride for dilation, its FIRST block still uses the previous dilation (it is the block
   that would have strided); the following blocks use the new one.
+
+  `stage_dilation` (one rate per stage, layer1..layer4) is segmentation_models_pytorch's make_dilated instead: a
+  stage with rate r > 1 loses its stride and EVERY block of it, the first included, dilates by r; the shortcut
+  projections stay where the undilated net has them.
   """
   if len(replace_stride_with_dilation) != 3:
     raise ValueError(f"replace_stride_with_dilation must have 3 entries (layer2..layer4), "
                      f"got {tuple(replace_stride_with_dilation)}")
+  if stage_dilation is not None and (len(stage_dilation) != 4 or any(replace_stride_with_dilation)):
+    raise ValueError(f"stage_dilation must have 4 rates (layer1..layer4) and replace_stride_with_dilation none, got "
+                     f"{tuple(stage_dilation)} and {tuple(replace_stride_with_dilation)}")
   inplanes, dilation = 64, 1
   dilate_flags = (False,) + tuple(bool(d) for d in replace_stride_with_dilation)
-  for (name, planes), blocks, dilate in zip(STAGES, stage_sizes, dilate_flags):
+  for index, ((name, planes), blocks, dilate) in enumerate(zip(STAGES, stage_sizes, dilate_flags)):
     stride = 1 if name == "layer1" else 2
+    if stage_dilation is not None:
+      # smp patches the built net, whose projections were made for the undilated stride.
+      downsample = stride != 1 or inplanes != planes * expansion
+      rate = int(stage_dilation[index])
+      stride = 1 if rate > 1 else stride
+      for i in range(blocks):
+        yield f"{name}_{i}", planes, stride if i == 0 else 1, rate, downsample and i == 0
+      inplanes = planes * expansion
+      continue
     previous_dilation = dilation
     if dilate:
       dilation *= stride
@@ -126,21 +144,26 @@ def stage_plan(replace_stride_with_dilation: Sequence[bool], stage_sizes: Sequen
 
 
 class ResNetTrunk(nn.Module):
-  """Stem + layer1..layer4; returns every stage's output so heads pick what they need (FCN: layer3, layer4)."""
+  """Stem + layer1..layer4; returns every stage's output so heads pick what they need (FCN: layer3, layer4), and
+  the stem's ReLU output as 'stem' (stride 2, a U-Net skip)."""
   replace_stride_with_dilation: Sequence[bool] = NO_DILATION
   dtype: Any = jnp.float32
   block: Any = Bottleneck  # BasicBlock or Bottleneck
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
+  stage_dilation: Sequence[int] | None = None  # smp's make_dilated rates, see stage_plan
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
+    if self.block is BasicBlock and any(self.replace_stride_with_dilation):
+      raise ValueError("BasicBlock (resnet18/resnet34) does not support dilation, as in torchvision: use "
+                       "replace_stride_with_dilation=(False, False, False)")
     x = x.astype(self.dtype)
     x = conv(64, 7, self.dtype, "conv1", stride=2, padding=3)(x)
     x = nn.relu(batch_norm(train, self.dtype, "bn1")(x))
+    features = {"stem": x}
     # torch pads max-pooling with -inf, not zeros; after a ReLU both give the same, but keep the exact semantics.
     x = max_pool(x, 3, 2, padding=1)
-    features = {}
-    plan = stage_plan(self.replace_stride_with_dilation, self.stage_sizes, self.block.expansion)
+    plan = stage_plan(self.replace_stride_with_dilation, self.stage_sizes, self.block.expansion, self.stage_dilation)
     for name, planes, stride, dilation, downsample in plan:
       x = self.block(planes, stride, dilation, downsample, dtype=self.dtype, name=name)(x, train)
       features[name.rsplit("_", 1)[0]] = x  # the stage's last block writes last
@@ -148,12 +171,13 @@ class ResNetTrunk(nn.Module):
 
 
 def resnet_trunk(depth: int, replace_stride_with_dilation: Sequence[bool] = NO_DILATION, dtype: Any = jnp.float32,
-                 name: str | None = None) -> ResNetTrunk:
+                 name: str | None = None, stage_dilation: Sequence[int] | None = None) -> ResNetTrunk:
   """torchvision's resnet{depth} without avgpool and fc; depth is one of ARCHITECTURES (18, 34, 50, 101)."""
   if depth not in ARCHITECTURES:
     raise ValueError(f"ResNet depth {depth}; expected one of {sorted(ARCHITECTURES)}")
   block, stage_sizes = ARCHITECTURES[depth]
-  return ResNetTrunk(tuple(replace_stride_with_dilation), dtype, block, tuple(stage_sizes), name=name)
+  stage_dilation = None if stage_dilation is None else tuple(stage_dilation)
+  return ResNetTrunk(tuple(replace_stride_with_dilation), dtype, block, tuple(stage_sizes), stage_dilation, name=name)
 
 
 class ResNet(nn.Module):

@@ -1,0 +1,172 @@
+"""Parity of fcnjax's smp_unet and smp_deeplabv3plus with segmentation_models_pytorch's Unet and DeepLabV3Plus,
+through fcnjax.conversion.smp; parameter counts; the ImageNet encoder path; the converter's and models' refusals.
+
+As in test_resnet.py, the smp models are built without weights and their BatchNorm parameters and running statistics
+randomised before conversion; outputs are compared in eval mode at 64x96 (divisible by 32, as smp's DeepLabV3Plus
+needs by 16).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import segmentation_models_pytorch as smp
+import torch  # a hard import: parity tests must run, never skip
+import torchvision
+
+from conftest import load_converter, record_parity
+from test_resnet import nchw_to_nhwc, randomise_batch_norm, shapes
+from fcnjax import models
+from fcnjax.conversion import ConversionError, get_converter
+from fcnjax.conversion.smp import adapt_first_conv, convert_smp_encoder
+from fcnjax.pretrained import load_variables, merge_pretrained
+
+# max|fcnjax - smp| <= RTOL * max|smp| (float32 on CPU; measured 8e-7 to 1.2e-5, the largest on the deepest Unet,
+# whose random decoder grows the logits to ~1e3).
+RTOL = 3e-5
+SIZE = (64, 96)
+SMP = {"smp_unet": smp.Unet, "smp_deeplabv3plus": smp.DeepLabV3Plus}
+
+
+@functools.lru_cache(maxsize=None)
+def torch_model(name: str, encoder: str, in_channels: int, classes: int, **options) -> torch.nn.Module:
+  torch.manual_seed(0)
+  model = SMP[name](encoder, encoder_weights=None, in_channels=in_channels, classes=classes, **options)
+  return randomise_batch_norm(model, seed=1).eval()
+
+
+def init_shapes(name: str, in_channels: int, **options):
+  model = models.build_model({"name": name, **options, "in_channels": in_channels})
+  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *SIZE, in_channels)))
+
+
+def count(tree) -> int:
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def compare(name: str, encoder: str, in_channels: int, classes: int, size=SIZE, **options) -> None:
+  reference = torch_model(name, encoder, in_channels, classes, **options)
+  variables = get_converter(name)(reference.state_dict())
+  # Option names are smp's (encoder_output_stride, decoder_channels, ...).
+  own = init_shapes(name, in_channels, encoder=encoder, num_classes=classes, **options)
+  assert shapes(variables) == shapes(own)
+  assert count(own["params"]) == sum(p.numel() for p in reference.parameters())
+
+  x = torch.randn(2, in_channels, *size, generator=torch.Generator().manual_seed(2))
+  with torch.no_grad():
+    expected = reference(x).numpy().transpose(0, 2, 3, 1)
+  model = models.build_model({"name": name, "encoder": encoder, "in_channels": in_channels, "num_classes": classes,
+                              **options})
+  out = jax.jit(model.apply)(variables, nchw_to_nhwc(x))["out"]
+  assert out.shape == expected.shape
+  diff, scale = float(np.abs(np.asarray(out) - expected).max()), float(np.abs(expected).max())
+  record_parity(f"smp: {name} {encoder} in_channels={in_channels} classes={classes} {options or ''} at {size}",
+                diff, scale)
+  assert scale > 0 and diff <= RTOL * scale, f"max|diff| {diff:.3g} > {RTOL} * max|smp| {scale:.3g}"
+
+
+# Every encoder with both models; in_channels 1 and 3 and classes 1 and 5 with each model. The fast subset runs one.
+CASES = [("smp_unet", "resnet18", 3, 1)] + [pytest.param(*case, marks=pytest.mark.slow) for case in [
+    ("smp_unet", "resnet34", 1, 5),
+    ("smp_unet", "resnet50", 1, 1),
+    ("smp_deeplabv3plus", "resnet18", 1, 5),
+    ("smp_deeplabv3plus", "resnet34", 3, 1),
+    ("smp_deeplabv3plus", "resnet50", 3, 5),
+]]
+
+
+@pytest.mark.parametrize("name, encoder, in_channels, classes", CASES)
+def test_outputs_and_parameter_counts_match_smp(name, encoder, in_channels, classes):
+  compare(name, encoder, in_channels, classes)
+
+
+@pytest.mark.slow
+def test_unet_at_a_size_not_divisible_by_32_matches_smp():
+  """smp's Unet resizes to each skip's size (nearest, F.interpolate(size=) rounding): 65x97 gives 33x49, 17x25, ..."""
+  compare("smp_unet", "resnet18", 3, 5, size=(65, 97))
+
+
+@pytest.mark.slow
+def test_deeplabv3plus_output_stride_8_matches_smp():
+  """Output stride 8: layer3 dilated by 2 and layer4 by 4 in every block, and the decoder's x2 upsampling."""
+  compare("smp_deeplabv3plus", "resnet18", 3, 5, encoder_output_stride=8)
+
+
+def test_encoder_from_imagenet_resnet_is_smps_patched_encoder():
+  """A torchvision resnet18 state_dict through convert_smp_encoder is what smp builds from it: smp loads it into
+  its encoder and patches the first conv for in_channels; converting that whole smp model gives the same backbone."""
+  torch.manual_seed(0)
+  imagenet = randomise_batch_norm(torchvision.models.resnet18(weights=None), seed=3).state_dict()
+  for in_channels in (1, 4):  # the sum over RGB; RGB repeated and scaled
+    unet = smp.Unet("resnet18", encoder_weights=None, classes=2)
+    unet.encoder.load_state_dict(dict(imagenet))
+    unet.encoder.set_in_channels(in_channels, pretrained=True)  # smp's own adaptation of pretrained weights
+    from_smp = get_converter("smp_unet")(unet.state_dict())
+    ours = convert_smp_encoder(imagenet, in_channels=in_channels)
+    assert set(ours) == {"params", "batch_stats"}
+    for collection in ours:
+      assert set(ours[collection]) == {"backbone"}
+      jax.tree_util.tree_map(np.testing.assert_array_equal, ours[collection]["backbone"],
+                             from_smp[collection]["backbone"])
+
+  # Everything but the decoder and the head loads into smp_unet's backbone by path; fc is not converted.
+  init = init_shapes("smp_unet", 1, encoder="resnet18", num_classes=2)
+  init = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), init)
+  merged, report = merge_pretrained(init, convert_smp_encoder(imagenet, in_channels=1), scope="all")
+  assert not report["unused"] and not report["skipped"]
+  assert report["left_at_init"] and all(p.split("/")[1] in ("decoder", "segmentation_head")
+                                        for p in report["left_at_init"])
+  np.testing.assert_array_equal(merged["params"]["backbone"]["conv1"]["kernel"],
+                                imagenet["conv1.weight"].numpy().sum(1, keepdims=True).transpose(2, 3, 1, 0))
+
+
+def test_adapt_first_conv_repeats_rgb_scaled():
+  kernel = np.random.default_rng(0).normal(size=(7, 7, 3, 4)).astype(np.float32)
+  five = adapt_first_conv(kernel, 5)
+  np.testing.assert_allclose(five[:, :, [0, 1, 2, 0, 1]], kernel[:, :, [0, 1, 2, 0, 1]] * 3 / 5, rtol=1e-6)
+  np.testing.assert_array_equal(adapt_first_conv(kernel, 3), kernel)
+
+
+def test_converter_names_a_misshaped_key_and_the_command_line_converts(tmp_path):
+  state = torch_model("smp_unet", "resnet18", 3, 1).state_dict()
+  damaged = dict(state)
+  damaged["decoder.blocks.2.conv2.0.weight"] = torch.zeros(64, 63, 3, 3)
+  with pytest.raises(ConversionError) as error:
+    get_converter("smp_unet")(damaged)
+  message = str(error.value)
+  assert "mis-shaped keys (1): decoder.blocks.2.conv2.0.weight: got (64, 63, 3, 3), expected (64, 64, 3, 3)" in message
+  assert "missing" not in message and "unexpected" not in message
+  # A DeepLabV3Plus file is refused as a Unet, by its keys.
+  dlv3 = torch_model("smp_deeplabv3plus", "resnet18", 1, 5).state_dict()
+  with pytest.raises(ConversionError, match="missing keys .*decoder.blocks.0.conv1.0.weight"):
+    get_converter("smp_unet")(dlv3)
+
+  converter = load_converter()
+  torch.save(state, tmp_path / "unet.pth")
+  assert converter.main(["--arch", "smp_unet", "--pth", str(tmp_path / "unet.pth"), "--out", str(tmp_path / "out")]) == 0
+  assert shapes(load_variables(str(tmp_path / "out"))) == shapes(init_shapes("smp_unet", 3, encoder="resnet18"))
+  assert converter.main(["--arch", "smp_unet", "--pth", str(tmp_path / "unet.pth"), "--out", str(tmp_path / "x"),
+                         "--in_channels", "1"]) == 1
+  torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "resnet18.pth")
+  assert converter.main(["--arch", "smp_encoder", "--pth", str(tmp_path / "resnet18.pth"), "--out",
+                         str(tmp_path / "grey"), "--in_channels", "1"]) == 0
+  assert shapes(load_variables(str(tmp_path / "grey"))["params"]["backbone"]) == shapes(
+      init_shapes("smp_unet", 1, encoder="resnet18")["params"]["backbone"])
+
+
+def test_model_options_are_checked():
+  with pytest.raises(ValueError, match="encoder='resnet152'"):
+    models.build_model({"name": "smp_unet", "encoder": "resnet152"})
+  with pytest.raises(ValueError, match="encoder_output_stride=32"):
+    models.build_model({"name": "smp_deeplabv3plus", "encoder_output_stride": 32})
+  with pytest.raises(TypeError, match=r"does not take the option\(s\) \['depth'\]"):
+    models.build_model({"name": "smp_unet", "depth": 4})
+  dlv3 = models.build_model({"name": "smp_deeplabv3plus", "encoder": "resnet18"})
+  with pytest.raises(ValueError, match="divisible by the output stride 16, got 72x96"):
+    jax.eval_shape(dlv3.init, jax.random.key(0), jnp.zeros((1, 72, 96, 3)))
+  unet = models.build_model({"name": "smp_unet", "encoder": "resnet18", "in_channels": 1})
+  with pytest.raises(ValueError, match=r"in_channels=1 channels, got shape \(1, 64, 64, 3\)"):
+    jax.eval_shape(unet.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
