@@ -96,4 +96,10 @@ def global_shapes(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
+  """`tree` on every device of the mesh. With several processes it goes through the host: JAX refuses to copy an
+  array committed to one process's device (a restored checkpoint) onto other processes' devices on CPU and GPU
+  ("does not support cross-host device transfers"), while from host values it places each process's own copy and
+  checks that every process passed the same values."""
+  if jax.process_count() > 1:
+    tree = jax.device_get(tree)
   return jax.device_put(tree, replicated(mesh))

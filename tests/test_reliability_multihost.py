@@ -4,9 +4,12 @@ jax.distributed through a localhost coordinator, against 1 process with 4 device
 Each process reads only its own half of every global batch, so the two runs see the same global batches and must
 reach the same losses; only process 0 writes metrics; both processes write their part of each checkpoint.
 """
+import json
 import re
+import shutil
 import signal
 import socket
+import sys
 
 import numpy as np
 import pytest
@@ -99,3 +102,36 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
   saved = [int(re.search(r"SIGTERM: saved a checkpoint at step (\d+)", o).group(1)) for o in outputs]
   assert saved[0] == saved[1] == h.train_records(workdir)[-1]["step"] < 40, saved
   assert int(h.step_dirs(workdir / "checkpoints")["complete"][-1]) == saved[0]
+
+
+
+def _evaluate_command(workdir, *flags: str) -> list[str]:
+  return [sys.executable, "-m", "fcnjax.evaluate", f"--workdir={workdir}", "--checkpoint=latest", *flags]
+
+
+def test_evaluate_on_two_processes_scores_like_one(tmp_path):
+  """13 validation images in global batches of 4: the last batch holds one image and three padding copies, which on
+  2 processes fall one on process 0 and two on process 1. The batched path (each process reads its half of each
+  batch) and the per-image path (--tile: each process scores every image) must both give 1 process's metrics."""
+  one, two = tmp_path / "one_process", tmp_path / "two_processes"
+  result = h.run_train(one, "--config.train.num_steps=2", "--config.data.synthetic_val_examples=13",
+                       "--config.eval.batch_size=4")
+  assert result.returncode == 0, result.stderr[-3000:]
+  shutil.copytree(one, two)  # each evaluation writes WORKDIR/evaluation.json
+  trained = [r for r in h.metrics(one) if r["kind"] == "eval"][-1]
+  scores = {}
+  for mode, flags in (("batched", ()), ("per-image", ("--tile=16",))):
+    coordinator = f"127.0.0.1:{_free_port()}"
+    single, *processes = h.run_together(
+        (_evaluate_command(one, *flags), h.env(1)),
+        *[(_evaluate_command(two, *flags), h.env(2, **_host(coordinator, i))) for i in range(2)])
+    for name, run in (("1 process", single), ("process 0", processes[0]), ("process 1", processes[1])):
+      assert run.returncode == 0, f"{mode}, {name}:\n{run.stderr[-3000:]}"
+    assert "mean IoU" in processes[0].stdout and "mean IoU" not in processes[1].stdout  # process 0 alone reports
+    records = [json.loads((workdir / "evaluation.json").read_text()) for workdir in (one, two)]
+    # Integer pixel counts summed in another order: the same confusion matrix, hence the same floats.
+    assert records[1] == records[0], (mode, records)
+    scores[mode] = records[0]
+  # The batched path is the one training evaluates with, on the same images and checkpoint.
+  assert scores["batched"]["miou"] == pytest.approx(trained["miou"], abs=1e-6)
+  assert scores["per-image"]["tile"] == 16
