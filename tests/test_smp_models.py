@@ -68,31 +68,27 @@ def compare(name: str, encoder: str, in_channels: int, classes: int, size=SIZE, 
   assert scale > 0 and diff <= RTOL * scale, f"max|diff| {diff:.3g} > {RTOL} * max|smp| {scale:.3g}"
 
 
-# Every encoder with both models; in_channels 1 and 3 and classes 1 and 5 with each model. The fast subset runs one.
-CASES = [("smp_unet", "resnet18", 3, 1)] + [pytest.param(*case, marks=pytest.mark.slow) for case in [
-    ("smp_unet", "resnet34", 1, 5),
-    ("smp_unet", "resnet50", 1, 1),
-    ("smp_deeplabv3plus", "resnet18", 1, 5),
-    ("smp_deeplabv3plus", "resnet34", 3, 1),
-    ("smp_deeplabv3plus", "resnet50", 3, 5),
-]]
+# Every encoder with both models; in_channels 1 and 3 and classes 1 and 5 with each model; smp's Unet at a size not
+# divisible by 32 (it resizes to each skip's size, nearest with F.interpolate(size=) rounding: 65x97 gives 33x49,
+# 17x25, ...) and DeepLabV3Plus at output stride 8 (layer3 dilated by 2 and layer4 by 4 in every block, the decoder's
+# x2 upsampling). The fast subset runs the first.
+CASES = [
+    ("smp_unet", "resnet18", 3, 1, SIZE, {}),
+    ("smp_unet", "resnet34", 1, 5, (65, 97), {}),
+    ("smp_unet", "resnet50", 1, 1, SIZE, {}),
+    ("smp_deeplabv3plus", "resnet18", 1, 5, SIZE, {}),
+    ("smp_deeplabv3plus", "resnet34", 3, 1, SIZE, {"encoder_output_stride": 8}),
+    ("smp_deeplabv3plus", "resnet50", 3, 5, SIZE, {}),
+]
+CASES = [pytest.param(*case, id="-".join([*case[:2], f"in{case[2]}", f"classes{case[3]}", "x".join(map(str, case[4])),
+                                          *(f"{k}={v}" for k, v in case[5].items())]),
+                      marks=[pytest.mark.slow] if i else [])
+         for i, case in enumerate(CASES)]
 
 
-@pytest.mark.parametrize("name, encoder, in_channels, classes", CASES)
-def test_outputs_and_parameter_counts_match_smp(name, encoder, in_channels, classes):
-  compare(name, encoder, in_channels, classes)
-
-
-@pytest.mark.slow
-def test_unet_at_a_size_not_divisible_by_32_matches_smp():
-  """smp's Unet resizes to each skip's size (nearest, F.interpolate(size=) rounding): 65x97 gives 33x49, 17x25, ..."""
-  compare("smp_unet", "resnet18", 3, 5, size=(65, 97))
-
-
-@pytest.mark.slow
-def test_deeplabv3plus_output_stride_8_matches_smp():
-  """Output stride 8: layer3 dilated by 2 and layer4 by 4 in every block, and the decoder's x2 upsampling."""
-  compare("smp_deeplabv3plus", "resnet18", 3, 5, encoder_output_stride=8)
+@pytest.mark.parametrize("name, encoder, in_channels, classes, size, options", CASES)
+def test_outputs_and_parameter_counts_match_smp(name, encoder, in_channels, classes, size, options):
+  compare(name, encoder, in_channels, classes, size, **options)
 
 
 def test_encoder_from_imagenet_resnet_is_smps_patched_encoder():
@@ -167,6 +163,12 @@ def test_model_options_are_checked():
   dlv3 = models.build_model({"name": "smp_deeplabv3plus", "encoder": "resnet18"})
   with pytest.raises(ValueError, match="divisible by the output stride 16, got 72x96"):
     jax.eval_shape(dlv3.init, jax.random.key(0), jnp.zeros((1, 72, 96, 3)))
+  variables = jax.eval_shape(dlv3.init, jax.random.key(0), jnp.zeros((2, 64, 96, 3)))
+  train = lambda v, x: dlv3.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)})
+  out, _ = jax.eval_shape(train, variables, jnp.zeros((2, 64, 96, 3)))
+  assert out["out"].shape == (2, 64, 96, 1)
+  with pytest.raises(ValueError, match="training batch of at least 2 images"):
+    jax.eval_shape(train, variables, jnp.zeros((1, 64, 96, 3)))
   unet = models.build_model({"name": "smp_unet", "encoder": "resnet18", "in_channels": 1})
   with pytest.raises(ValueError, match=r"in_channels=1 channels, got shape \(1, 64, 64, 3\)"):
     jax.eval_shape(unet.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
