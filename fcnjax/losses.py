@@ -359,6 +359,14 @@ def tversky_loss(logits: Array, labels: Array, mode: str | None = None, ignore_i
   return loss ** gamma
 
 
+def _whole(x: Array) -> Array:
+  """`x` with no axis split over devices. Sorting needs a whole axis on each device, which an array sharded over
+  jax.make_mesh's Explicit axes does not have; with Auto axes or one device `x` is returned as it is."""
+  if any(axis is not None for axis in jax.typeof(x).sharding.spec):
+    return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+  return x
+
+
 def _lovasz_extension(errors: Array, foreground: Array, valid: Array) -> Array:
   """The Lovasz extension of the Jaccard loss at 1-D `errors` (Berman et al. 2018, Alg. 1), over valid entries.
 
@@ -410,6 +418,7 @@ def lovasz_loss(logits: Array, labels: Array, mode: str | None = None, ignore_in
   else:
     loss_fn = lambda p, t, v: _lovasz_hinge_flat(p.reshape(-1), t.reshape(-1), v.reshape(-1))
     inputs = (x, target, valid)
+  inputs = tuple(_whole(a) for a in inputs)
   if per_image:
     return jnp.mean(jax.vmap(loss_fn)(*inputs))
   return loss_fn(*inputs)

@@ -265,6 +265,11 @@ _SHARDED_SCRIPT = textwrap.dedent("""
         'dice': lambda o, a, b, y, by, w: losses.dice_loss(o, y),
         'ce+dice': lambda o, a, b, y, by, w: losses.segmentation_loss({'out': o, 'aux': a}, y, ce_dice, w)[0],
         'bce+dice': lambda o, a, b, y, by, w: losses.segmentation_loss({'out': b}, by, bce_dice, w)[0],
+        # smp's losses; Lovasz sorts the whole batch, which Explicit axes must gather first.
+        'focal': lambda o, a, b, y, by, w: losses.focal_loss(o, y, normalized=True),
+        'jaccard': lambda o, a, b, y, by, w: losses.jaccard_loss(o, y),
+        'lovasz': lambda o, a, b, y, by, w: losses.lovasz_loss(o, y),
+        'hinge': lambda o, a, b, y, by, w: losses.lovasz_loss(b, by, per_image=True),
     }
     args = (out, aux, binary, labels, binary_labels, weights)
 

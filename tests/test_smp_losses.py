@@ -159,18 +159,17 @@ def test_lovasz_without_ignored_pixels_and_absent_class():
 
 @pytest.mark.slow
 def test_all_ignored_batch_gives_zero_and_finite_gradients():
-  fns = (losses.focal_loss, losses.jaccard_loss, losses.tversky_loss, losses.lovasz_loss,
-         lambda x, y: losses.lovasz_loss(x, y, per_image=True), lambda x, y: losses.focal_loss(x, y, normalized=True))
-  batches = [_batch(11, mode) for mode in MODES]
-  for _, labels in batches:
+  per_image = lambda x, y: losses.lovasz_loss(x, y, per_image=True)  # noqa: E731
+  normalized = lambda x, y: losses.focal_loss(x, y, normalized=True)  # noqa: E731
+  cases = {"multiclass": (losses.focal_loss, losses.jaccard_loss, losses.tversky_loss, losses.lovasz_loss, per_image,
+                          normalized),
+           "binary": (losses.focal_loss, losses.lovasz_loss),  # the hinge
+           "multilabel": (losses.jaccard_loss,)}
+  for mode, fns in cases.items():
+    logits, labels = _batch(11, mode)
     labels[:] = IGNORE
-
-  @jax.jit
-  def values_and_grads(logits):
-    return [[jax.value_and_grad(fn)(x, jnp.asarray(y)) for fn in fns] for x, (_, y) in zip(logits, batches)]
-
-  for per_mode in values_and_grads([jnp.asarray(x) for x, _ in batches]):
-    for value, grad in per_mode:
+    values_and_grads = jax.jit(lambda x, y: [jax.value_and_grad(fn)(x, y) for fn in fns])
+    for value, grad in values_and_grads(jnp.asarray(logits), jnp.asarray(labels)):
       assert float(value) == 0.0
       assert np.all(np.asarray(grad) == 0.0)
 
