@@ -200,8 +200,9 @@ def _config(**overrides):
 
 @pytest.mark.parametrize("name, channels, smp_terms", [
     ("focal+dice", 4, [("focal", lambda: smp_losses.FocalLoss("multiclass", ignore_index=IGNORE, gamma=1.0), 0.5)]),
-    pytest.param("ce+lovasz", 4, [("lovasz", lambda: smp_losses.LovaszLoss("multiclass", ignore_index=IGNORE, per_image=True),
-                       0.3)], marks=pytest.mark.slow),
+    pytest.param("ce+lovasz", 4, [("lovasz", lambda: smp_losses.LovaszLoss("multiclass", ignore_index=IGNORE,
+                                                                            per_image=True), 0.3)],
+                 marks=pytest.mark.slow),
     pytest.param("bce+jaccard", 1, [("jaccard", lambda: smp_losses.JaccardLoss("binary", ignore_index=IGNORE,
                                                                                smooth=1.0), 2.0)],
                  marks=pytest.mark.slow),

@@ -91,6 +91,7 @@ def test_outputs_and_parameter_counts_match_smp(name, encoder, in_channels, clas
   compare(name, encoder, in_channels, classes, size, **options)
 
 
+@pytest.mark.slow
 def test_encoder_from_imagenet_resnet_is_smps_patched_encoder():
   """A torchvision resnet18 state_dict through convert_smp_encoder is what smp builds from it: smp loads it into
   its encoder and patches the first conv for in_channels; converting that whole smp model gives the same backbone."""
@@ -126,7 +127,7 @@ def test_adapt_first_conv_repeats_rgb_scaled():
   np.testing.assert_array_equal(adapt_first_conv(kernel, 3), kernel)
 
 
-def test_converter_names_a_misshaped_key_and_the_command_line_converts(tmp_path):
+def test_converter_names_a_misshaped_key():
   state = torch_model("smp_unet", "resnet18", 3, 1).state_dict()
   damaged = dict(state)
   damaged["decoder.blocks.2.conv2.0.weight"] = torch.zeros(64, 63, 3, 3)
@@ -140,9 +141,14 @@ def test_converter_names_a_misshaped_key_and_the_command_line_converts(tmp_path)
   with pytest.raises(ConversionError, match="missing keys .*decoder.blocks.0.conv1.0.weight"):
     get_converter("smp_unet")(dlv3)
 
+
+@pytest.mark.slow
+def test_command_line_converts_smp_files(tmp_path):
+  state = torch_model("smp_unet", "resnet18", 3, 1).state_dict()
   converter = load_converter()
   torch.save(state, tmp_path / "unet.pth")
-  assert converter.main(["--arch", "smp_unet", "--pth", str(tmp_path / "unet.pth"), "--out", str(tmp_path / "out")]) == 0
+  assert converter.main(["--arch", "smp_unet", "--pth", str(tmp_path / "unet.pth"), "--out",
+                         str(tmp_path / "out")]) == 0
   assert shapes(load_variables(str(tmp_path / "out"))) == shapes(init_shapes("smp_unet", 3, encoder="resnet18"))
   assert converter.main(["--arch", "smp_unet", "--pth", str(tmp_path / "unet.pth"), "--out", str(tmp_path / "x"),
                          "--in_channels", "1"]) == 1
@@ -163,12 +169,17 @@ def test_model_options_are_checked():
   dlv3 = models.build_model({"name": "smp_deeplabv3plus", "encoder": "resnet18"})
   with pytest.raises(ValueError, match="divisible by the output stride 16, got 72x96"):
     jax.eval_shape(dlv3.init, jax.random.key(0), jnp.zeros((1, 72, 96, 3)))
+  unet = models.build_model({"name": "smp_unet", "encoder": "resnet18", "in_channels": 1})
+  with pytest.raises(ValueError, match=r"in_channels=1 channels, got shape \(1, 64, 64, 3\)"):
+    jax.eval_shape(unet.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+
+
+@pytest.mark.slow
+def test_deeplabv3plus_trains_on_two_images_and_refuses_one():
+  dlv3 = models.build_model({"name": "smp_deeplabv3plus", "encoder": "resnet18"})
   variables = jax.eval_shape(dlv3.init, jax.random.key(0), jnp.zeros((2, 64, 96, 3)))
   train = lambda v, x: dlv3.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)})
   out, _ = jax.eval_shape(train, variables, jnp.zeros((2, 64, 96, 3)))
   assert out["out"].shape == (2, 64, 96, 1)
   with pytest.raises(ValueError, match="training batch of at least 2 images"):
     jax.eval_shape(train, variables, jnp.zeros((1, 64, 96, 3)))
-  unet = models.build_model({"name": "smp_unet", "encoder": "resnet18", "in_channels": 1})
-  with pytest.raises(ValueError, match=r"in_channels=1 channels, got shape \(1, 64, 64, 3\)"):
-    jax.eval_shape(unet.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))

@@ -204,7 +204,8 @@ class DeepLabV3PlusDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, deep: Array, high_res: Array, train: bool = False) -> Array:
-    y = ASPP(self.features, tuple(self.atrous_rates), self.separable, self.dropout, self.dtype, name="aspp")(deep, train)
+    aspp = ASPP(self.features, tuple(self.atrous_rates), self.separable, self.dropout, self.dtype, name="aspp")
+    y = aspp(deep, train)
     y = SeparableConv2dReLU(self.features, dtype=self.dtype, name="aspp_conv")(y, train)
     # nn.Upsample(scale_factor=4 or 2, align_corners=True): the layer1 size, from an input divisible by the stride.
     y = resize(y, high_res.shape[1:3], "bilinear", align_corners=True)
