@@ -20,6 +20,11 @@ CONVERTERS = {
     "smp_deeplabv3plus": ("fcnjax.conversion.smp:convert_smp_deeplabv3plus", "smp_deeplabv3plus"),
     # A torchvision resnet18/34/50/101 file as the encoder ('backbone') of either smp model.
     "smp_encoder": ("fcnjax.conversion.smp:convert_smp_encoder", "smp_unet or smp_deeplabv3plus"),
+    "mobilenet_v3_large": ("fcnjax.conversion.mobilenet_v3:convert_mobilenet_v3_large", "mobilenet_v3_large"),
+    "lraspp_mobilenet_v3_large": ("fcnjax.conversion.mobilenet_v3:convert_lraspp_mobilenet_v3_large",
+                                  "lraspp_mobilenet_v3_large"),
+    "deeplabv3_mobilenet_v3_large": ("fcnjax.conversion.mobilenet_v3:convert_deeplabv3_mobilenet_v3_large",
+                                     "deeplabv3_mobilenet_v3_large"),
 }
 
 

@@ -30,6 +30,9 @@ MODELS = {
     "deeplabv3_resnet101": "fcnjax.models.deeplabv3:deeplabv3_resnet101",
     "smp_unet": "fcnjax.models.smp:smp_unet",
     "smp_deeplabv3plus": "fcnjax.models.smp:smp_deeplabv3plus",
+    "mobilenet_v3_large": "fcnjax.models.mobilenet_v3:mobilenet_v3_large",
+    "lraspp_mobilenet_v3_large": "fcnjax.models.lraspp:lraspp_mobilenet_v3_large",
+    "deeplabv3_mobilenet_v3_large": "fcnjax.models.deeplabv3:deeplabv3_mobilenet_v3_large",
 }
 
 # Config keys that describe how to initialise a model rather than the model itself.

@@ -4,7 +4,8 @@ and a 1x1 classifier) on a backbone's last features and, optionally, FCNHead on 
 The heads take any number of input channels (flax infers them), so `DeepLabHead` and `ASPP` serve every backbone:
 `DeepLabV3` takes the backbone as a module that returns a dict of features, and the names of the two it reads.
 deeplabv3_resnet50 / deeplabv3_resnet101 put a dilated ResNet (output stride 8) under 'backbone', with the same
-paths as the 'resnetNN' classifiers, so ImageNet weights initialise the trunk by path.
+paths as the 'resnetNN' classifiers, so ImageNet weights initialise the trunk by path; deeplabv3_mobilenet_v3_large
+puts the dilated MobileNetV3-Large (output stride 16) there, with the 'mobilenet_v3_large' classifier's paths.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from fcnjax.models.fcn_resnet import FCN_DILATION, FCNHead, resized
+from fcnjax.models.mobilenet_v3 import HIGH_FEATURE, LOW_FEATURE, MobileNetV3LargeTrunk
 from fcnjax.models.resnet import batch_norm, conv, resnet_trunk
 
 Array = jax.Array
@@ -126,3 +128,12 @@ def _deeplabv3_resnet(depth: int, *, num_classes: int = 21, aux_loss: bool = Tru
 
 deeplabv3_resnet50 = functools.partial(_deeplabv3_resnet, 50)
 deeplabv3_resnet101 = functools.partial(_deeplabv3_resnet, 101)
+
+
+def deeplabv3_mobilenet_v3_large(*, num_classes: int = 21, aux_loss: bool = True,
+                                 dtype: Any = jnp.float32) -> DeepLabV3:
+  """torchvision's deeplabv3_mobilenet_v3_large: DeepLabHead on the dilated MobileNetV3-Large's C5 (features 16,
+  960 channels, output stride 16; the atrous rates stay 12, 24, 36 as in torchvision) and, with aux_loss, FCNHead
+  on C2 (features 4, 40 channels)."""
+  return DeepLabV3(MobileNetV3LargeTrunk(dilated=True, dtype=dtype), num_classes=num_classes, aux_loss=aux_loss,
+                   out_feature=HIGH_FEATURE, aux_feature=LOW_FEATURE, dtype=dtype)
