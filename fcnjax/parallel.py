@@ -6,6 +6,7 @@ from these shardings, so the same code runs on 1 CPU, 8 fake CPU devices, one GP
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import jax
@@ -16,22 +17,78 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = "data"
 
 
+# How long a process may go without a heartbeat before the coordination service declares it lost and ends the others
+# (JAX's default, 100 s); FCNJAX_PEER_TIMEOUT_S sets another.
+PEER_TIMEOUT_S = 100
+# Exit status of a process that stops because another one was lost: EX_TEMPFAIL, "try again" (the run resumes).
+EXIT_PEER_LOST = 75
+
+
+def peer_timeout_s() -> int:
+  value = os.environ.get("FCNJAX_PEER_TIMEOUT_S", str(PEER_TIMEOUT_S))
+  if not value.isdigit() or int(value) < 1:
+    raise ValueError(f"FCNJAX_PEER_TIMEOUT_S={value!r}; expected a whole number of seconds >= 1")
+  return int(value)
+
+
 def initialize_distributed() -> None:
   """Calls jax.distributed.initialize when launched as one of several processes.
 
   On TPU pods, SLURM and Open MPI, JAX finds the coordinator by itself; elsewhere set JAX_COORDINATOR_ADDRESS,
   JAX_NUM_PROCESSES and JAX_PROCESS_ID (see the README). A single process needs nothing.
+
+  A process that stops sending heartbeats for peer_timeout_s() (killed, its host gone) is declared lost by the
+  coordination service, which then ends the others.
   """
   env = os.environ
+  timeouts = dict(heartbeat_timeout_seconds=peer_timeout_s())
   if "JAX_COORDINATOR_ADDRESS" in env:
     jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
                                num_processes=int(env["JAX_NUM_PROCESSES"]),
-                               process_id=int(env["JAX_PROCESS_ID"]))
+                               process_id=int(env["JAX_PROCESS_ID"]), **timeouts)
   elif any(k in env for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")):
     if int(env.get("SLURM_NTASKS", env.get("OMPI_COMM_WORLD_SIZE", "2"))) > 1:
-      jax.distributed.initialize()
+      jax.distributed.initialize(**timeouts)
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
+
+
+# What a collective or a barrier of the coordination service raises when another process is gone: gloo's TCP
+# connection to it breaks (CPU), or the service reports its missing heartbeats.
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "heartbeat timeout",
+              "stopped sending heartbeats", "task is set to ERROR", "Gloo context initialization failed")
+_TASK = re.compile(r"\b[Tt]ask[ :](\d+)\b|/task:(\d+)")
+
+
+class PeerLostError(RuntimeError):
+  """Another process of the run is gone; this one stops too, and the run resumes from its last finished checkpoint."""
+
+
+def is_peer_lost(error: BaseException) -> bool:
+  """True for an error that means another process of a multi-process run is gone."""
+  if jax.process_count() == 1:
+    return False
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, PeerLostError) or any(text in str(error) for text in _PEER_LOST):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def peer_lost_error(error: BaseException) -> PeerLostError:
+  """The one-line PeerLostError for an error that is_peer_lost: which process, and how to resume."""
+  text = str(error)
+  lost = sorted({int(a or b) for a, b in _TASK.findall(text)} - {jax.process_index()})
+  if not lost and jax.process_count() == 2:  # gloo names the peer's address, not its process; of 2 it is the other
+    lost = [1 - jax.process_index()]
+  if lost:
+    who = f"process {', '.join(map(str, lost))} of {jax.process_count()} was lost"
+  else:
+    who = f"another of the {jax.process_count()} processes was lost ({' '.join(text.split())[:160]})"
+  return PeerLostError(f"{who}; process {jax.process_index()} stops too. The last finished checkpoint is intact: "
+                       "start every process again with the same command to resume from it.")
 
 
 def make_mesh() -> Mesh:

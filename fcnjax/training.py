@@ -286,7 +286,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         progress.write(f"{reason}: saved a checkpoint at step {done} in {workdir}; run the same command to resume")
         summary.update(interrupted_at=done, signal=reason)
         break
-  except BaseException:
+  except BaseException as e:
+    if parallel.is_peer_lost(e):
+      raise  # closing waits on the lost process (orbax's barriers); the last finished checkpoint is what resumes
     # The loop's error is the one to report: a save still in flight may fail too (the same full disk), and the
     # writers must still close, or tensorboardX's exit hook retries the flush and prints its own traceback.
     _close_all(progress.close, ckpts.wait, ckpts.close, writer.close, restore_signals, quiet=True)

@@ -10,13 +10,14 @@ import shutil
 import signal
 import socket
 import sys
+import time
 
 import numpy as np
 import pytest
 
 import reliability_helpers as h
 from conftest import record_parity
-from fcnjax import checkpoint
+from fcnjax import checkpoint, parallel
 
 pytestmark = pytest.mark.slow  # training command-line runs
 
@@ -135,3 +136,48 @@ def test_evaluate_on_two_processes_scores_like_one(tmp_path):
   # The batched path is the one training evaluates with, on the same images and checkpoint.
   assert scores["batched"]["miou"] == pytest.approx(trained["miou"], abs=1e-6)
   assert scores["per-image"]["tile"] == 16
+
+
+PEER_TIMEOUT_S = 20
+
+
+def test_a_process_killed_in_a_train_step_ends_the_other_with_one_line(tmp_path):
+  """kill -9 of process 1 while the run is in its train steps (no checkpoint or evaluation due): process 0 exits 75
+  (EXIT_PEER_LOST) at once, its collective's connection to process 1 broken, saying in one line that process 1 was
+  lost and how to resume; the same command on both processes then finishes the run.
+
+  Killed while the survivor waits at a barrier of the coordination service instead (a checkpoint save, start-up),
+  the service's heartbeat timeout ends it, and JAX's client aborts the process as it does so: see docs/multihost.md."""
+  workdir = tmp_path / "run"
+  logs = [tmp_path / f"process{i}.log" for i in range(2)]
+  coordinator = f"127.0.0.1:{_free_port()}"
+  steps = ("--config.train.num_steps=40", "--config.train.checkpoint_every=1000", "--config.train.eval_every=1000")
+  processes = []
+  try:
+    for i, log in enumerate(logs):
+      with open(log, "w") as out:
+        processes.append(h.start_train(workdir, *steps, log=out, num_devices=2, extra_env=dict(
+            _host(coordinator, i), FCNJAX_PEER_TIMEOUT_S=str(PEER_TIMEOUT_S))))
+    h.wait_for(lambda: len(h.train_records(workdir)) >= 2, processes[0])
+    processes[1].kill()
+    killed = time.monotonic()
+    returncode = processes[0].wait(timeout=PEER_TIMEOUT_S + 60)
+    took = time.monotonic() - killed
+  finally:
+    for p in processes:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  output = logs[0].read_text()
+  lines = [line for line in output.splitlines() if line.strip() and not line.startswith("[Gloo]")]
+  assert returncode == parallel.EXIT_PEER_LOST and len(lines) == 1, output[-3000:]
+  assert lines[0].startswith("PeerLostError: process 1 of 2 was lost; process 0 stops too."), lines[0]
+  assert "start every process again with the same command" in lines[0]
+  assert took < 10, took
+  print(f"process 0 exited {took:.1f} s after process 1 was killed")
+
+  coordinator = f"127.0.0.1:{_free_port()}"
+  results = h.run_together(*[(h.train_command(workdir, *steps), h.env(2, **_host(coordinator, i))) for i in range(2)])
+  for i, result in enumerate(results):
+    assert result.returncode == 0, f"process {i}:\n{result.stderr[-3000:]}"
+  assert int(h.step_dirs(workdir / "checkpoints")["complete"][-1]) == 40
