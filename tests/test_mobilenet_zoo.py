@@ -204,6 +204,15 @@ def test_dilated_trunk_has_output_stride_16_and_the_plain_one_32():
     assert features["features_4"].shape == (1, 8, 12, 40)
 
 
+@pytest.mark.slow
+def test_bfloat16_compute_keeps_float32_params():
+  model = models.build_model(dict(name="lraspp_mobilenet_v3_large", num_classes=NUM_CLASSES, dtype="bfloat16"))
+  variables = init_shapes(model, (40, 56))
+  assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(variables)} == {jnp.dtype(jnp.float32)}
+  out = jax.eval_shape(functools.partial(model.apply, train=False), variables, jnp.zeros((2, 40, 56, 3)))
+  assert out["out"].dtype == jnp.bfloat16 and out["out"].shape == (2, 40, 56, NUM_CLASSES)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # (c) the converters name what does not fit (shapes only: meta-device state_dicts)
 

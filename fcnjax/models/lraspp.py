@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fcnjax.models.mobilenet_v3 import HIGH_FEATURE, LOW_FEATURE, MobileNetV3LargeTrunk, conv
+from fcnjax.models.mobilenet_v3 import HIGH_FEATURE, LOW_FEATURE, MobileNetV3LargeTrunk, conv, global_average
 from fcnjax.ops import BatchNorm, resize
 
 Array = jax.Array
@@ -32,7 +32,7 @@ class LRASPPHead(nn.Module):
     x = conv(self.inter_channels, 1, self.dtype, "cbr_0")(high)
     # The head's BatchNorm is a plain nn.BatchNorm2d (momentum 0.1, eps 1e-5), unlike the trunk's.
     x = nn.relu(BatchNorm(use_running_average=not train, dtype=self.dtype, name="cbr_1")(x))
-    scale = jnp.mean(high, axis=(1, 2), keepdims=True)
+    scale = global_average(high)
     scale = nn.sigmoid(conv(self.inter_channels, 1, self.dtype, "scale_1")(scale))
     x = resize(x * scale, low.shape[1:3], "bilinear", align_corners=False)
     return (conv(self.num_classes, 1, self.dtype, "low_classifier", use_bias=True)(low)

@@ -128,6 +128,11 @@ def conv(features: int, kernel: int, dtype: Any, name: str, stride: int = 1, dil
               feature_group_count=groups, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
+def global_average(x: Array) -> Array:
+  """AdaptiveAvgPool2d(1) on NHWC, summed in float32 whatever the compute dtype."""
+  return jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
+
+
 def batch_norm(train: bool, dtype: Any, name: str) -> BatchNorm:
   return BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS, dtype=dtype, name=name)
 
@@ -139,7 +144,7 @@ class SqueezeExcitation(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    scale = jnp.mean(x, axis=(1, 2), keepdims=True)
+    scale = global_average(x)
     scale = nn.relu(conv(self.squeeze_channels, 1, self.dtype, "fc1", use_bias=True)(scale))
     scale = conv(x.shape[-1], 1, self.dtype, "fc2", use_bias=True)(scale)
     return hardsigmoid(scale) * x
@@ -214,7 +219,7 @@ class MobileNetV3Large(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
     features = MobileNetV3LargeTrunk(self.dilated, self.dtype, name="backbone")(x, train)
-    pooled = jnp.mean(features[HIGH_FEATURE], axis=(1, 2))
+    pooled = global_average(features[HIGH_FEATURE])[:, 0, 0]
     y = nn.Dense(LAST_CHANNEL, dtype=self.dtype, param_dtype=jnp.float32, name="classifier_0")(pooled)
     y = nn.Dropout(self.dropout, deterministic=not train)(hardswish(y))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name="classifier_3")(y)
