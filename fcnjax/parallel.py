@@ -37,11 +37,13 @@ def initialize_distributed() -> None:
   On TPU pods, SLURM and Open MPI, JAX finds the coordinator by itself; elsewhere set JAX_COORDINATOR_ADDRESS,
   JAX_NUM_PROCESSES and JAX_PROCESS_ID (see the README). A single process needs nothing.
 
-  A process that stops sending heartbeats for peer_timeout_s() (killed, its host gone) is declared lost by the
-  coordination service, which then ends the others.
+  A process that shows no sign of life for peer_timeout_s() (killed, its host gone) is taken for lost: the others
+  stop with one line naming it (_watch_peers), and a collective that fails because of it does the same
+  (is_peer_lost, used by cli.run).
   """
   env = os.environ
-  timeouts = dict(heartbeat_timeout_seconds=peer_timeout_s())
+  # The service's own timeout is longer than the watch's: when it expires JAX's client aborts the process.
+  timeouts = dict(heartbeat_timeout_seconds=peer_timeout_s() + SERVICE_TIMEOUT_MARGIN_S)
   if "JAX_COORDINATOR_ADDRESS" in env:
     jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
                                num_processes=int(env["JAX_NUM_PROCESSES"]),
@@ -51,6 +53,86 @@ def initialize_distributed() -> None:
       jax.distributed.initialize(**timeouts)
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
+  if jax.process_count() > 1:
+    _watch_peers(peer_timeout_s())
+
+
+# The coordination service declares a silent process dead this much later than the watch of _watch_peers does.
+SERVICE_TIMEOUT_MARGIN_S = 30
+_WATCH_INTERVAL_S = 1.0
+
+
+def _watch_peers(timeout_s: float) -> None:
+  """Ends this process with one line when another one shows no sign of life for `timeout_s`, whatever this one is
+  doing (a collective, a barrier, a checkpoint save, the start-up).
+
+  Each process counts up its own key in the coordination service's key-value store every second and reads the
+  others'. JAX's own heartbeat timeout ends the survivors too, but by aborting them from its client (SIGABRT and a
+  page of logs): its missed-heartbeat callback cannot be set from Python (jaxlib 0.10.2 has no conversion for the
+  status it passes, std::bad_cast). A process that exits normally marks itself done first, so that a peer still
+  finishing (process 0 writing plots) does not take it for lost.
+  """
+  import atexit  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client
+  me, count = jax.process_index(), jax.process_count()
+  exiting = threading.Event()
+
+  def mark_done():  # runs before JAX's own exit handler (registered earlier), which stops the service
+    exiting.set()
+    try:
+      client.key_value_set(f"fcnjax/done/{me}", "1", allow_overwrite=True)
+    except Exception:  # pylint: disable=broad-except
+      pass  # the service is gone with process 0: no one is left to tell
+
+  atexit.register(mark_done)
+
+  def watch():
+    beat, seen = 0, {}
+    while not exiting.is_set():
+      now = time.monotonic()
+      try:
+        beat += 1
+        client.key_value_set(f"fcnjax/alive/{me}", str(beat), allow_overwrite=True)
+        for peer in range(count):
+          if peer == me:
+            continue
+          value = _try_get(client, f"fcnjax/alive/{peer}")
+          if _try_get(client, f"fcnjax/done/{peer}"):
+            seen[peer] = (value, float("inf"))
+          elif peer not in seen or seen[peer][0] != value:
+            seen[peer] = (value, now)
+          elif now - seen[peer][1] > timeout_s:
+            _stop(f"process {peer} of {count} was lost (no sign of life for {timeout_s:.0f} s, "
+                  "FCNJAX_PEER_TIMEOUT_S)", exiting)
+      except Exception as e:  # pylint: disable=broad-except
+        # The service is out of reach: process 0, which runs it, is gone (JAX's client aborts this process too).
+        _stop(f"process 0 of {count}, which runs the coordination service, was lost "
+              f"({' '.join(str(e).split())[:120]})", exiting)
+      time.sleep(_WATCH_INTERVAL_S)
+
+  threading.Thread(target=watch, name="fcnjax-peer-watch", daemon=True).start()
+
+
+def _try_get(client, key: str) -> str | None:
+  try:
+    return client.key_value_try_get(key)
+  except Exception as e:  # pylint: disable=broad-except
+    if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
+      return None
+    raise
+
+
+def _stop(who: str, exiting) -> None:
+  import sys  # pylint: disable=g-import-not-at-top
+  if exiting.is_set():  # a normal exit is under way: the peers are done, not lost
+    return
+  print(f"PeerLostError: {who}; process {jax.process_index()} stops too. The last finished checkpoint is intact: "
+        "start every process again with the same command to resume from it.", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(EXIT_PEER_LOST)  # pylint: disable=protected-access
 
 
 # What a collective or a barrier of the coordination service raises when another process is gone: gloo's TCP

@@ -141,13 +141,18 @@ def test_evaluate_on_two_processes_scores_like_one(tmp_path):
 PEER_TIMEOUT_S = 20
 
 
+def _lines_without_gloo(output: str) -> list[str]:
+  """The output's lines less gloo's '[Gloo] Rank r is connected to n peer ranks...', which gloo prints at each
+  context set-up (two contexts connecting at once interleave theirs mid-line)."""
+  text = re.sub(r"\[Gloo\] Rank \d+", "", output)
+  text = re.sub(r"\s*is connected to \d+ peer ranks\. Expected number of connected peer ranks is : \d+", "", text)
+  return [line for line in text.splitlines() if line.strip()]
+
+
 def test_a_process_killed_in_a_train_step_ends_the_other_with_one_line(tmp_path):
   """kill -9 of process 1 while the run is in its train steps (no checkpoint or evaluation due): process 0 exits 75
   (EXIT_PEER_LOST) at once, its collective's connection to process 1 broken, saying in one line that process 1 was
-  lost and how to resume; the same command on both processes then finishes the run.
-
-  Killed while the survivor waits at a barrier of the coordination service instead (a checkpoint save, start-up),
-  the service's heartbeat timeout ends it, and JAX's client aborts the process as it does so: see docs/multihost.md."""
+  lost and how to resume; the same command on both processes then finishes the run."""
   workdir = tmp_path / "run"
   logs = [tmp_path / f"process{i}.log" for i in range(2)]
   coordinator = f"127.0.0.1:{_free_port()}"
@@ -169,7 +174,7 @@ def test_a_process_killed_in_a_train_step_ends_the_other_with_one_line(tmp_path)
         p.kill()
         p.wait()
   output = logs[0].read_text()
-  lines = [line for line in output.splitlines() if line.strip() and not line.startswith("[Gloo]")]
+  lines = _lines_without_gloo(output)
   assert returncode == parallel.EXIT_PEER_LOST and len(lines) == 1, output[-3000:]
   assert lines[0].startswith("PeerLostError: process 1 of 2 was lost; process 0 stops too."), lines[0]
   assert "start every process again with the same command" in lines[0]
@@ -181,3 +186,34 @@ def test_a_process_killed_in_a_train_step_ends_the_other_with_one_line(tmp_path)
   for i, result in enumerate(results):
     assert result.returncode == 0, f"process {i}:\n{result.stderr[-3000:]}"
   assert int(h.step_dirs(workdir / "checkpoints")["complete"][-1]) == 40
+
+
+def test_a_process_killed_at_start_up_ends_the_other_within_the_peer_timeout(tmp_path):
+  """kill -9 of process 1 once process 0 has joined the run (its workdir made), while both load data, compile and wait
+  at the start-up barriers: no collective fails, so process 0 learns of the loss from the peer watch, after
+  FCNJAX_PEER_TIMEOUT_S without a sign of life, and exits 75 with one line naming process 1."""
+  workdir = tmp_path / "run"
+  log = tmp_path / "process0.log"
+  coordinator = f"127.0.0.1:{_free_port()}"
+  processes = []
+  try:
+    for i in range(2):
+      with open(log if i == 0 else tmp_path / "process1.log", "w") as out:
+        processes.append(h.start_train(workdir, log=out, num_devices=2, extra_env=dict(
+            _host(coordinator, i), FCNJAX_PEER_TIMEOUT_S=str(PEER_TIMEOUT_S))))
+    h.wait_for(workdir.is_dir, processes[0], poll=0.05)
+    processes[1].kill()
+    killed = time.monotonic()
+    returncode = processes[0].wait(timeout=PEER_TIMEOUT_S + 60)
+    took = time.monotonic() - killed
+  finally:
+    for p in processes:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  output = log.read_text()
+  lines = _lines_without_gloo(output)
+  assert returncode == parallel.EXIT_PEER_LOST and len(lines) == 1, output[-3000:]
+  assert lines[0].startswith("PeerLostError: process 1 of 2 was lost (no sign of life for"), lines[0]
+  assert PEER_TIMEOUT_S - 2 < took < PEER_TIMEOUT_S + 15, took
+  print(f"process 0 exited {took:.1f} s after process 1 was killed")
