@@ -148,7 +148,8 @@ class PeerLostError(RuntimeError):
 
 def is_peer_lost(error: BaseException) -> bool:
   """True for an error that means another process of a multi-process run is gone."""
-  if jax.process_count() == 1:
+  # is_initialized first: jax.process_count() would start the backend for an error raised before it was needed.
+  if not jax.distributed.is_initialized() or jax.process_count() == 1:
     return False
   seen = set()
   while error is not None and id(error) not in seen:
