@@ -60,7 +60,10 @@ class Segmenter:
     expected = jax.eval_shape(built.init, jax.random.PRNGKey(0), np.zeros((1, 224, 224, 3), np.float32))
     mismatched = _shape_differences(expected, variables)
     if mismatched and num_classes is None:
-      config["num_classes"] = _class_count(expected, variables, mismatched)
+      try:
+        config["num_classes"] = _class_count(expected, variables)
+      except ValueError:
+        raise ValueError(f"{path}: not weights of {config}: " + "; ".join(mismatched[:8])) from None
       built = models.build_model(config)
       expected = jax.eval_shape(built.init, jax.random.PRNGKey(0), np.zeros((1, 224, 224, 3), np.float32))
       mismatched = _shape_differences(expected, variables)
@@ -130,10 +133,10 @@ def _shape_differences(expected, variables) -> list[str]:
   return missing + unexpected + shapes
 
 
-def _class_count(expected, variables, mismatched: list[str]) -> int:
+def _class_count(expected, variables) -> int:
   """The weights' number of classes: the last dimension of the first head kernel whose shape differs only there."""
   want, have = _flat_shapes(expected), _flat_shapes(variables)
   for key in sorted(set(want) & set(have)):
     if want[key] != have[key] and want[key][:-1] == have[key][:-1]:
       return int(have[key][-1])
-  raise ValueError("cannot tell the number of classes from the weights: " + "; ".join(mismatched[:8]))
+  raise ValueError("no head kernel differs from the model's in its number of classes alone")

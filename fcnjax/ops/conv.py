@@ -18,6 +18,7 @@ weight gradient) `cpu_forms` names the form that computes it when compiling for 
   feed one GEMM;
 - "xla": everything else, lax's own.
 Every other backend (cuDNN) runs lax's own: lax.platform_dependent picks per platform when compiling.
+Inside `fcnjax.ops.portable_forms()` every convolution is lax's own on every platform (what exported graphs hold).
 
 Why: XLA:CPU runs 3x3 convolutions at 60-90% of PyTorch's speed, computes their weight gradient as a convolution
 whose "kernel" is the whole output gradient (3-9x the forward's time), and runs convolutions with few output pixels
@@ -36,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fcnjax.ops import native, windows
+from fcnjax.ops import native, portable, windows
 
 Array = jax.Array
 NHWC_HWIO = ("NHWC", "HWIO", "NHWC")  # dimension numbers: input, kernel, output
@@ -83,7 +84,7 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
                    and preferred_element_type is None and all(d == 1 for d in (lhs_dilation or (1, 1)))
                    and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
                    == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC_HWIO))
-  if not has_cpu_forms:
+  if not has_cpu_forms or portable.enabled():
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                                     feature_group_count, batch_group_count, precision, preferred_element_type)
   strides = tuple(int(s) for s in window_strides)

@@ -75,6 +75,8 @@ def _conv_transpose_disjoint(x: Array, kernel: Array, *, padding: tuple[int, int
   # PyTorch's padding crops the full output on both sides; output_padding extends the far side (with zeros here,
   # since no window reaches past h * k). lax.pad takes both as one (possibly negative) padding.
   (p_h, p_w), (op_h, op_w) = padding, output_padding
+  if p_h == p_w == op_h == op_w == 0:
+    return y
   return jax.lax.pad(y, jnp.zeros((), y.dtype), ((0, 0, 0), (-p_h, op_h - p_h, 0), (-p_w, op_w - p_w, 0), (0, 0, 0)))
 
 

@@ -5,8 +5,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from fcnjax.ops import windows
+from fcnjax.ops import portable, windows
 from fcnjax.ops.windows import PairLike, pair
 
 Array = jax.Array
@@ -26,7 +27,18 @@ def max_pool(x: Array, window: PairLike, stride: PairLike | None = None, padding
     if ceil_mode and (out - 1) * s >= size + p:
       out -= 1
     pads.append((p, max((out - 1) * s + k - size - p, 0)))
+  if portable.enabled():
+    return _max_pool_planes(x, window, stride, tuple(pads))
   return _max_pool(x, window, stride, tuple(pads))
+
+
+def _max_pool_planes(x, window, strides, pads):
+  """The same maximum as one reduce_window over (N*C, H, W) planes: exporters turn a reduce_window into a pooling
+  over all of its window's axes, and ONNX Runtime pools over at most three."""
+  n, h, w, c = x.shape
+  planes = jnp.transpose(x, (0, 3, 1, 2)).reshape(-1, h, w)
+  y = lax.reduce_window(planes, -jnp.inf, lax.max, (1, *window), (1, *strides), ((0, 0), *pads))
+  return jnp.transpose(y.reshape(n, c, *y.shape[1:]), (0, 2, 3, 1))
 
 
 # Written as a maximum over the window's taps, with its own gradient: JAX's gradient of reduce_window (value and
