@@ -8,7 +8,10 @@ from typing import Callable
 
 from absl import app, flags, logging
 
-from fcnjax import diskspace, parallel
+from fcnjax import compilation_cache, diskspace, parallel
+
+flags.DEFINE_string("compilation_cache", None, "Folder of JAX's persistent compilation cache (default: "
+                    "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/fcnjax/xla or $FCNJAX_CACHE_DIR/xla); '' turns it off.")
 
 # Errors that a user's input causes (a missing file or folder, a bad file, a config or checkpoint that does not fit,
 # a diverging or oversized run): their message says what to change, so the command prints it as one line.
@@ -17,7 +20,7 @@ USER_ERRORS = (OSError, ValueError, ArithmeticError, RuntimeError)
 
 def run(main: Callable[[list[str]], None]) -> None:
   """app.run(main), with a user's error printed as one line `TypeName: message` (exit status 1). With --verbosity
-  on the command line, the traceback is printed too."""
+  on the command line, the traceback is printed too. Compiled steps are cached across runs (--compilation_cache)."""
 
   def guarded_main(argv):
     if len(argv) > 1:
@@ -26,6 +29,7 @@ def run(main: Callable[[list[str]], None]) -> None:
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
       logging.get_absl_logger().addFilter(_without_disk_full_tracebacks)
+    compilation_cache.enable(flags.FLAGS.compilation_cache)
     try:
       return main(argv)
     except USER_ERRORS as error:

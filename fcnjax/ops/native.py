@@ -93,7 +93,8 @@ def _cpu_features() -> str:
   return "\n".join(sorted({l for l in lines if l.startswith(("model name", "flags", "Features", "CPU part"))}))
 
 
-def _cache_dir() -> pathlib.Path:
+def cache_dir() -> pathlib.Path:
+  """Where fcnjax caches what it builds: $FCNJAX_CACHE_DIR, else ~/.cache/fcnjax."""
   return pathlib.Path(os.environ.get("FCNJAX_CACHE_DIR") or pathlib.Path.home() / ".cache" / "fcnjax")
 
 
@@ -136,7 +137,7 @@ def library_path(compiler: str) -> pathlib.Path:
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
   key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *_compiler_flags(), jaxlib.__version__,
                                   _cpu_features()]).encode()).hexdigest()[:16]
-  return _private_dir(_cache_dir()) / f"native_conv-{key}.so"
+  return _private_dir(cache_dir()) / f"native_conv-{key}.so"
 
 
 def build(compiler: str, target: pathlib.Path) -> None:

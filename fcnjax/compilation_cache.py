@@ -1,0 +1,47 @@
+"""JAX's persistent compilation cache for the command-line entry points: the second run of a command loads the
+compiled steps of the first instead of compiling them again (compilation is most of the time to the first step).
+
+The cache holds executables, which the process runs: like the C++ kernels' cache it must be a folder only this user
+can write (fcnjax.ops.native.untrusted_reason); an unsafe folder is not used (a warning says why).
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import warnings
+
+import jax
+
+from fcnjax.ops import native
+
+# Compilations shorter than this are not written (JAX's default): small jitted helpers would fill the folder.
+MIN_COMPILE_SECONDS = 1.0
+
+
+def default_dir() -> pathlib.Path:
+  """`xla/` beside the C++ kernels' cache: $FCNJAX_CACHE_DIR or ~/.cache/fcnjax."""
+  return native.cache_dir() / "xla"
+
+
+def enable(directory: str | os.PathLike | None = None) -> pathlib.Path | None:
+  """Turns the persistent cache on in `directory` (None: JAX's own setting, e.g. $JAX_COMPILATION_CACHE_DIR, else
+  default_dir(); "": off); returns the folder used, or None when the cache stays off."""
+  if directory is not None and not str(directory):
+    return None
+  if directory is None and jax.config.jax_compilation_cache_dir:
+    return pathlib.Path(jax.config.jax_compilation_cache_dir)
+  path = pathlib.Path(directory) if directory is not None else default_dir()
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, exist_ok=True)
+  except OSError as e:
+    warnings.warn(f"fcnjax: no compilation cache in {path}: {e}")
+    return None
+  reason = native.untrusted_reason(path)
+  if reason is not None:
+    warnings.warn(f"fcnjax: not using the compilation cache {path}: {reason} (point --compilation_cache at a "
+                  "folder only you can write, or give it as '' to turn the cache off)")
+    return None
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+  return path
