@@ -9,7 +9,9 @@ Each model is timed twice, as a train step and as inference:
   0.5 as in torchvision's reference, state donated) against the PyTorch model with torch.optim.SGD(momentum=0.9),
   F.cross_entropy and loss.backward() -- eager, and with --torch_compile also torch.compile(model).
 - inference: the model's forward pass in eval mode (fcnjax returns every head, as torchvision's fcn_resnet50 computes
-  its aux head in eval mode too, so both do the same work).
+  its aux head in eval mode too, so both do the same work); and, where onnxruntime and jax2onnx are installed, the
+  ONNX file fcnjax exports (fcnjax.exporting.save_onnx) run by ONNX Runtime's default CPU provider on the same
+  threads. That file holds the 'out' head only, so for a model with an aux head ORT does less work than the others.
 The references are tests.torch_reference.fcn.FCN8s, tests.torch_reference.unet.UNet (64..1024, BatchNorm,
 transposed-conv up-sampling) and torchvision.models.segmentation.fcn_resnet50(aux_loss=True). fcnjax gets the torch
 model's initial weights through the converters, and the two inference outputs are compared once ("parity"), which
@@ -36,6 +38,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -66,6 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                  help="bfloat16: fcnjax compute dtype bfloat16 (params float32); torch autocast(bfloat16)")
   p.add_argument("--torch_compile", action="store_true", help="also time torch.compile(model)")
+  p.add_argument("--no_onnxruntime", action="store_true", help="skip the ONNX Runtime column of inference")
   p.add_argument("--torch_channels_last", action="store_true", help="torch in channels_last memory format")
   p.add_argument("--no_memory", action="store_true", help="skip the torch CPU memory probe (a subprocess per model)")
   p.add_argument("--cpu_ghz", type=float, default=None, help="CPU clock for the peak estimate (default: cpu MHz)")
@@ -242,6 +246,39 @@ class FcnjaxInfer:
     return time.perf_counter() - start
 
 
+class OrtInfer:
+  """fcnjax's exported ONNX file (the 'out' head) in ONNX Runtime's default CPU provider."""
+
+  def __init__(self, model, variables: dict, images: np.ndarray, threads: int, directory: str):
+    from fcnjax import exporting  # pylint: disable=g-import-not-at-top
+    from fcnjax.segmenter import Segmenter  # pylint: disable=g-import-not-at-top
+    self.run_onnx = exporting.run_onnx
+    self.images = images
+    self.info = RunnerInfo("onnxruntime")
+    path = os.path.join(directory, "model.onnx")
+    start = time.perf_counter()
+    exporting.save_onnx(Segmenter(model, variables), path, images.shape[1], images.shape[2])
+    self.session = exporting.onnx_session(path, threads)
+    self.info.compile_s = time.perf_counter() - start  # export and session set-up
+    self.outputs = {"out": self.run_onnx(self.session, images)}
+    self.info.first_step_s = time.perf_counter() - start
+
+  def __call__(self, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+      self.outputs = {"out": self.run_onnx(self.session, self.images)}
+    return time.perf_counter() - start
+
+
+def onnxruntime_available() -> bool:
+  try:
+    import jax2onnx  # noqa: F401 pylint: disable=g-import-not-at-top,unused-import
+    import onnxruntime  # noqa: F401 pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return False
+  return True
+
+
 def _torch_outputs(out) -> list:
   """The heads of a torch model's output in a fixed order: ['out'] or ['out', 'aux']."""
   if isinstance(out, dict):
@@ -371,7 +408,7 @@ def parity(jax_outputs: dict, torch_heads: list) -> dict:
   return {"max_abs_diff": max(diffs), "max_abs_output": scale}
 
 
-def bench_model(args, name: str, device: str, peak: harness.Peak, log) -> list[dict]:
+def bench_model(args, name: str, device: str, peak: harness.Peak, log, scratch: str) -> list[dict]:
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   images, masks = make_batch(args)
@@ -405,10 +442,16 @@ def bench_model(args, name: str, device: str, peak: harness.Peak, log) -> list[d
           raise
         log(f"  torch.compile failed: {type(e).__name__}: {e}")
         rows.append({"model": name, "mode": mode, "framework": label, "error": f"{type(e).__name__}: {e}"[:300]})
+    if mode == "infer" and args.onnxruntime and device == "cpu" and args.dtype == "float32":
+      log(f"{name} {mode}: exporting to ONNX")
+      contenders["onnxruntime"] = OrtInfer(model, variables, images, args.threads_used, scratch)
     for _ in range(args.warmup):
       for runner in contenders.values():
         runner(1)
     check = parity(ours.outputs, contenders["torch"].outputs) if mode == "infer" else None
+    if "onnxruntime" in contenders:
+      out = ours.outputs["out"]
+      ort_difference = float(np.max(np.abs(np.asarray(out) - contenders["onnxruntime"].outputs["out"])))
     rates = harness.interleave(contenders, rounds=args.rounds, steps=args.steps, items_per_step=args.batch, log=log)
     for label, runner in contenders.items():
       if isinstance(runner, TorchRunner):
@@ -426,10 +469,12 @@ def bench_model(args, name: str, device: str, peak: harness.Peak, log) -> list[d
         row["achieved_gflops"] = achieved
         row["fraction_of_peak"] = achieved / peak.gflops if peak.gflops else None
       for other in contenders:
-        if other != label and other.startswith("torch") and label == "fcnjax":
+        if other != label and label == "fcnjax":
           row[f"ratio_vs_{other}"] = dataclasses.asdict(harness.ratio(rates["fcnjax"], rates[other]))
       if check and label == "torch":
         row["parity"] = check
+      if label == "onnxruntime":
+        row["parity"] = {"max_abs_diff": ort_difference, "max_abs_output": float(np.max(np.abs(out)))}
       rows.append(row)
   return rows
 
@@ -446,7 +491,7 @@ def table(rows: list[dict]) -> str:
     formatted.append({
         "model": r["model"], "mode": r["mode"], "framework": r["framework"],
         "img/s median (min-max)": spread.short(),
-        "fcnjax/torch": "; ".join(ratios),
+        "fcnjax/other": "; ".join(ratios),
         "first step s": f"{r['first_step_s']:.1f}",
         "compile s": "" if r.get("compile_s") is None else f"{r['compile_s']:.1f}",
         "GFLOP/step": "" if not r.get("flops_per_step") else f"{r['flops_per_step'] / 1e9:.1f}",
@@ -456,7 +501,7 @@ def table(rows: list[dict]) -> str:
         "parity": ("" if "parity" not in r
                    else f"{r['parity']['max_abs_diff']:.1e} / {r['parity']['max_abs_output']:.1e}"),
     })
-  columns = ["model", "mode", "framework", "img/s median (min-max)", "fcnjax/torch", "first step s", "compile s",
+  columns = ["model", "mode", "framework", "img/s median (min-max)", "fcnjax/other", "first step s", "compile s",
              "GFLOP/step", "GFLOP/s", "% peak", "peak MiB", "parity"]
   return harness.markdown_table(formatted, columns)
 
@@ -489,14 +534,18 @@ def main(argv=None) -> None:
   }
   log(f"{device_name}: fcnjax (XLA) and torch both on {threads} threads" if device == "cpu" else device_name)
   log(f"peak: {peak.assumption}")
+  args.onnxruntime = not args.no_onnxruntime and onnxruntime_available()
+  args.threads_used = threads
   rows = []
   start = time.perf_counter()
-  for name in args.models:
-    rows += bench_model(args, name, device, peak, log)
+  with tempfile.TemporaryDirectory() as scratch:
+    for name in args.models:
+      rows += bench_model(args, name, device, peak, log, scratch)
   log(f"\nbatch {args.batch}, {args.size}x{args.size}, {args.dtype}, {args.rounds} rounds x {args.steps} steps, "
       f"{time.perf_counter() - start:.0f} s in all")
   log(table(rows))
-  log("parity: max |fcnjax - torch| / max |torch| of the inference outputs on the same weights")
+  log("parity: max |fcnjax - other| / max |other| of the inference outputs on the same weights (onnxruntime: its "
+      "'out' against fcnjax's)")
   if args.out:
     harness.write_json(args.out, {"args": vars(args), "environment": environment, "results": rows})
     log(f"wrote {args.out}")
