@@ -30,29 +30,13 @@ from fcnjax.conversion.mobilenet_v3 import (convert_deeplabv3_mobilenet_v3_large
 from fcnjax.models.mobilenet_v3 import (MobileNetV3LargeTrunk, hardsigmoid, hardswish,  # noqa: E402
                                         make_divisible)
 from fcnjax.ops import Conv  # noqa: E402
+from test_resnet import nchw_to_nhwc, randomise_batch_norm  # noqa: E402
 
 # max|fcnjax - torch| <= RTOL * max|torch| on every compared tensor (float32 on CPU).
 RTOL = 1e-5
 NUM_CLASSES = 7  # not torchvision's default, so the converters must read it from the heads
 SIZE = (67, 53)
 segmentation = torchvision.models.segmentation
-
-
-def randomise_batch_norm(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for m in model.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        n = m.num_features
-        m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-        m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-        m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-        m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-  return model
-
-
-def nchw_to_nhwc(x: torch.Tensor) -> jnp.ndarray:
-  return jnp.asarray(x.detach().numpy().transpose(0, 2, 3, 1))
 
 
 def assert_close(actual, expected, what: str, rtol: float = RTOL):

@@ -42,7 +42,7 @@ def randomise_batch_norm(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def nchw_to_nhwc(x: torch.Tensor) -> jnp.ndarray:
-  return jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
+  return jnp.asarray(x.detach().numpy().transpose(0, 2, 3, 1))
 
 
 def assert_close(actual, expected, what: str):
