@@ -8,9 +8,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Iterator, Mapping, Sequence
 
-from fcnjax.conversion.common import check_keys, is_num_batches_tracked
-from fcnjax.conversion.resnet import (Layer, convert_layers, expected_shapes, fcn_head_layers, head_class_count,
-                                      keep_aux_head, resnet_trunk_layers, trunk_channels)
+from fcnjax.conversion.resnet import Layer, convert_segmentation_resnet
 from fcnjax.models.deeplabv3 import ATROUS_RATES
 
 ASPP_CHANNELS = 256
@@ -49,17 +47,8 @@ def convert_deeplabv3_resnet(state_dict: Mapping[str, Any], *, depth: int, aux_l
   with aux_loss matching `'aux_classifier' in variables['params']`. aux_loss=False drops it on purpose;
   aux_loss=True insists on it.
   """
-  arch = f"deeplabv3_resnet{depth}"
-  state_dict, aux_loss = keep_aux_head(state_dict, aux_loss, arch, source)
-  num_classes = head_class_count(state_dict, ("classifier.4", "aux_classifier.4"))
-  channels = trunk_channels(depth)
-  layers = list(resnet_trunk_layers(depth, "backbone.", ("backbone",)))
-  layers += deeplab_head_layers("classifier", "classifier", channels["layer4"], num_classes)
-  if aux_loss:
-    layers += fcn_head_layers("aux_classifier", "aux_classifier", channels["layer3"], num_classes)
-  check_keys(state_dict, expected_shapes(layers), source=f"{source} (torchvision {arch}, aux_loss={aux_loss})",
-             ignore=is_num_batches_tracked)
-  return convert_layers(state_dict, layers)
+  return convert_segmentation_resnet(state_dict, f"deeplabv3_resnet{depth}", depth, deeplab_head_layers, aux_loss,
+                                     source)
 
 
 convert_deeplabv3_resnet50 = functools.partial(convert_deeplabv3_resnet, depth=50)

@@ -161,12 +161,18 @@ def convert_fcn_resnet(state_dict: Mapping[str, Any], *, depth: int, aux_loss: b
   aux_loss matching `'aux_classifier' in variables['params']`. aux_loss=False drops the auxiliary head on purpose;
   aux_loss=True insists on it.
   """
-  arch = f"fcn_resnet{depth}"
+  return convert_segmentation_resnet(state_dict, f"fcn_resnet{depth}", depth, fcn_head_layers, aux_loss, source)
+
+
+def convert_segmentation_resnet(state_dict: Mapping[str, Any], arch: str, depth: int, head_layers,
+                                aux_loss: bool | None, source: str) -> dict[str, dict]:
+  """A torchvision segmentation model on a dilated ResNet trunk: `head_layers` maps its 'classifier', the FCNHead
+  its optional 'aux_classifier' (on layer3); num_classes from the heads."""
   state_dict, aux_loss = keep_aux_head(state_dict, aux_loss, arch, source)
   num_classes = head_class_count(state_dict, ("classifier.4", "aux_classifier.4"))
   channels = trunk_channels(depth)
   layers = list(resnet_trunk_layers(depth, "backbone.", ("backbone",)))
-  layers += fcn_head_layers("classifier", "classifier", channels["layer4"], num_classes)
+  layers += head_layers("classifier", "classifier", channels["layer4"], num_classes)
   if aux_loss:
     layers += fcn_head_layers("aux_classifier", "aux_classifier", channels["layer3"], num_classes)
   check_keys(state_dict, expected_shapes(layers), source=f"{source} (torchvision {arch}, aux_loss={aux_loss})",
