@@ -85,7 +85,6 @@ def main(argv):
   existing = [path for path in [*paths.values(), out + ".json"] if os.path.exists(path)]
   if existing and not FLAGS.overwrite:
     raise FileExistsError(f"{existing[0]} already exists; add --overwrite to replace it")
-  exporting.check_size(segmenter, height, width)
   description = exporting.describe(segmenter, model_name, height, width, FLAGS.preprocessing)
   for name, path in paths.items():
     start = time.perf_counter()

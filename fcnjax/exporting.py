@@ -68,9 +68,10 @@ def input_dtype(preprocessing: bool):
 
 
 def describe(segmenter, model_name: str, height: int, width: int, preprocessing: bool = False) -> dict:
-  """What an exported graph takes and gives, for the JSON written beside it."""
+  """What an exported graph takes and gives, for the JSON written beside it; ExportError for a size the model cannot
+  take (check_size)."""
   config = segmenter.data_config
-  num_classes = output_shape(segmenter, height, width)[-1]
+  num_classes = check_size(segmenter, height, width)[-1]
   return {
       "model": model_name,
       "input": {"name": ONNX_INPUT, "shape": ["N", height, width, 3], "layout": "NHWC",
@@ -85,8 +86,9 @@ def describe(segmenter, model_name: str, height: int, width: int, preprocessing:
   }
 
 
-def check_size(segmenter, height: int, width: int) -> None:
-  """Raises ExportError when the model cannot take (height, width) images or does not give logits of that size."""
+def check_size(segmenter, height: int, width: int) -> tuple[int, ...]:
+  """The logits' shape for one (height, width) image; ExportError when the model cannot take such images or does not
+  give logits of that size."""
   if height < 1 or width < 1:
     raise ExportError(f"height and width must be positive, got {height}x{width}")
   try:
@@ -96,6 +98,7 @@ def check_size(segmenter, height: int, width: int) -> None:
     raise ExportError(f"the model cannot take {height}x{width} images: {reason}") from None
   if shape[1:3] != (height, width):
     raise ExportError(f"the model gives {shape[1]}x{shape[2]} logits for {height}x{width} images")
+  return shape
 
 
 def output_shape(segmenter, height: int, width: int) -> tuple[int, ...]:
