@@ -28,9 +28,19 @@ def model_variables(params, batch_stats) -> dict:
   return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
+# The initialiser runs once, so its compilation is most of its time: LLVM's level 1 compiles it about 3x faster
+# than the default level 2 and gives bit-identical values (smp_unet resnet34: 16.8 s -> 6.1 s, U-Net 13.2 s -> 4.0 s,
+# LR-ASPP 21.3 s -> 10.8 s, each running within 0.1 s of level 2; 2-core AMD EPYC Zen 2, AVX2).
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
+
+
 def init_variables(model: nn.Module, rng: jax.Array, image_shape: tuple[int, ...]) -> dict:
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
-  return flax.core.unfreeze(jax.jit(functools.partial(model.init, train=False))({"params": rng}, dummy))
+  # Compiler options belong to a top-level jit: traced inside another (jax.eval_shape, a jitted state builder), the
+  # initialiser is compiled, if at all, with its caller.
+  options = None if isinstance(rng, jax.core.Tracer) else INIT_COMPILER_OPTIONS
+  init = jax.jit(functools.partial(model.init, train=False), compiler_options=options)
+  return flax.core.unfreeze(init({"params": rng}, dummy))
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, variables: dict,

@@ -4,6 +4,8 @@ Small networks (base_width 8, depth 3) keep this fast. Tolerance: float32 output
 output's scale (max |torch|, at least 1); measured: <= 1e-7 in eval mode (outputs ~0.3), <= 2e-6 in train mode
 (outputs ~2, batch statistics).
 """
+import functools
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ import pytest
 
 import torch  # noqa: E402  (a hard import: parity tests must run, never skip)
 
+from fcnjax import steps  # noqa: E402
 from fcnjax.models import build_model  # noqa: E402
 from fcnjax.models.unet import unet  # noqa: E402
 from torch_reference import randomize_batch_norm  # noqa: E402
@@ -151,3 +154,15 @@ def test_registry_and_bad_options():
   assert out.shape == (1, 9, 9, 1) and out.dtype == jnp.bfloat16
   with pytest.raises(ValueError, match="upsampling"):
     unet(upsampling="nearest")
+
+
+def test_initial_variables_compiled_for_speed_equal_the_default_compilation():
+  """fcnjax.steps.init_variables compiles the initialiser at LLVM level 1 (INIT_COMPILER_OPTIONS): its values must
+  be those of the default compilation, bit for bit, so that a seed gives the same model either way."""
+  model = build_model({"name": "unet", "num_classes": 3, "base_width": 4, "depth": 1})
+  rng = jax.random.PRNGKey(3)
+  fast = steps.init_variables(model, rng, (16, 16, 3))
+  default = jax.jit(functools.partial(model.init, train=False))({"params": rng}, jnp.zeros((1, 16, 16, 3)))
+  assert jax.tree.structure(fast) == jax.tree.structure(flax.core.unfreeze(default))
+  for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(default)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
