@@ -10,13 +10,13 @@ interpolation, and skips aligned by cropping at offsets fixed by the receptive-f
 the default because it is the architecture the paper's numbers were measured on, it keeps the pretrained fc6/fc7,
 it aligns every map exactly (no interpolation anywhere) and it is what tests/test_vgg_fcn.py checks against PyTorch.
 
-'simple' is the head found in Keras tutorials: no pad 100 and floor pools
-(torchvision's VGG16 trunk), 1x1 conv6/conv7 (4096 channels) on pool5, the same score/upscore layers with padding
-chosen so each upsampling multiplies the size exactly, a nearest resize to align an upsampled map with its skip when
-floor pooling left them a pixel apart, and a final bilinear resize to the input size. It is cheaper (no 200-pixel
-margin, which makes the paper variant's trunk ~3.6x the work at 224x224) but cannot use VGG16's 7x7 fc6 weights
-and its skips are aligned only to within a pixel. Its conv6/conv7 are named apart from fc6/fc7 so that loading
-VGG16 weights by path never puts fc weights where they do not fit.
+'simple' is the head found in Keras tutorials: no pad 100 and floor pools (torchvision's VGG16 trunk), 1x1
+conv6/conv7 (fc_channels, 4096 by default) on pool5, the same score/upscore layers with padding chosen so each
+upsampling multiplies the size exactly, a nearest resize to align an upsampled map with its skip when floor pooling
+left them a pixel apart, and a final bilinear resize to the input size. It is cheaper (no 200-pixel margin, which
+makes the paper variant's trunk ~3.6x the work at 224x224) but cannot use VGG16's 7x7 fc6 weights and its skips are
+aligned only to within a pixel. Its conv6/conv7 are named apart from fc6/fc7 so that loading VGG16 weights by path
+never puts fc weights where they do not fit.
 
 Both return {'out': logits (N, H, W, num_classes)} at the input's exact size, in the compute dtype. Minimum input:
 1x1 for 'paper' (pad 100 makes conv1_1's output at least 199, so pool5 is at least 7 and fc6 always has one window),
@@ -80,7 +80,8 @@ def _check_variant(variant: str) -> None:
     raise ValueError(f"FCN variant={variant!r}; expected one of {VARIANTS}")
 
 
-def _trunk(x: Array, variant: str, dropout_rate: float, train: bool, dtype: Any) -> tuple[Array, Array, Array]:
+def _trunk(x: Array, variant: str, fc_channels: int, dropout_rate: float, train: bool,
+           dtype: Any) -> tuple[Array, Array, Array]:
   """VGG16 trunk and fc6/fc7 (or conv6/conv7), created at the calling FCN's top level; returns pool3, pool4, fc7."""
   paper = variant == "paper"
   if not paper and min(x.shape[1:3]) < 32:
@@ -88,10 +89,10 @@ def _trunk(x: Array, variant: str, dropout_rate: float, train: bool, dtype: Any)
   pool3, pool4, pool5 = VGG16Features(first_conv_padding=PAPER_PADDING if paper else 1, ceil_mode=paper,
                                       dtype=dtype, name="features")(x)
   if paper:
-    return pool3, pool4, fc6_fc7(pool5, dropout_rate, train, dtype)
+    return pool3, pool4, fc6_fc7(pool5, dropout_rate, train, dtype, fc_channels)
   h = pool5
   for name in ("conv6", "conv7"):
-    h = Conv(4096, (1, 1), padding="SAME", kernel_init=conv_init, dtype=dtype, param_dtype=jnp.float32,
+    h = Conv(fc_channels, (1, 1), padding="SAME", kernel_init=conv_init, dtype=dtype, param_dtype=jnp.float32,
              name=name)(h)
     h = nn.relu(h)
     h = nn.Dropout(dropout_rate, deterministic=not train)(h)
@@ -128,10 +129,16 @@ def _to_input_size(x: Array, stride: int, size: tuple[int, int], variant: str) -
 
 class FCN(nn.Module):
   """score_fr on fc7, upsampled 2x and fused with the score of each skip in `skips` in turn, then upsampled to the
-  input's stride: skips () is FCN-32s, ("pool4",) FCN-16s, ("pool4", "pool3") FCN-8s."""
+  input's stride: skips () is FCN-32s, ("pool4",) FCN-16s, ("pool4", "pool3") FCN-8s.
+
+  fc_channels is the width of fc6/fc7 (conv6/conv7): VGG16's 4096, which its ImageNet weights and converted FCN
+  files need; a narrower head (for example 512 when training from scratch on a small set) drops most of the 134 M
+  parameters, which are fc6's 7x7x512x4096 and fc7's 4096x4096.
+  """
   num_classes: int = 21
   skips: tuple[str, ...] = ()
   variant: str = "paper"
+  fc_channels: int = 4096
   dropout_rate: float = 0.5
   dtype: Any = jnp.float32
 
@@ -143,7 +150,7 @@ class FCN(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
-    pool3, pool4, h = _trunk(x, self.variant, self.dropout_rate, train, self.dtype)
+    pool3, pool4, h = _trunk(x, self.variant, self.fc_channels, self.dropout_rate, train, self.dtype)
     skip_maps = {"pool4": (pool4, SCORE_POOL4_OFFSET), "pool3": (pool3, SCORE_POOL3_OFFSET)}
     h = _score(h, self.num_classes, "score_fr", self.dtype)
     # Parameter names as in the reference nets: upscore2, then upscore_pool4 after the pool4 fusion.

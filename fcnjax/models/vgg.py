@@ -74,8 +74,9 @@ class VGG16(nn.Module):
     return {"out": x}
 
 
-def fc6_fc7(pool5: Array, dropout_rate: float, train: bool, dtype: Any) -> Array:
-  """torchvision's classifier[0:6] as convolutions: fc6 7x7 VALID (4096) and fc7 1x1 (4096), each + ReLU + Dropout.
+def fc6_fc7(pool5: Array, dropout_rate: float, train: bool, dtype: Any, channels: int = 4096) -> Array:
+  """torchvision's classifier[0:6] as convolutions: fc6 7x7 VALID and fc7 1x1, each `channels` wide (VGG16's 4096)
+  + ReLU + Dropout.
 
   Called from inside a compact __call__, so 'fc6' and 'fc7' are created at the caller's top level: the same paths in
   the vgg16 classifier and in the FCN models, so converted weights carry over by path. Dropout is element-wise, as
@@ -83,7 +84,7 @@ def fc6_fc7(pool5: Array, dropout_rate: float, train: bool, dtype: Any) -> Array
   """
   x = pool5
   for name, window in (("fc6", 7), ("fc7", 1)):
-    x = Conv(4096, (window, window), padding="VALID", kernel_init=fc_init, dtype=dtype, param_dtype=jnp.float32,
+    x = Conv(channels, (window, window), padding="VALID", kernel_init=fc_init, dtype=dtype, param_dtype=jnp.float32,
              name=name)(x)
     x = nn.relu(x)
     x = nn.Dropout(dropout_rate, deterministic=not train)(x)
