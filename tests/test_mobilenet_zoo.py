@@ -29,7 +29,7 @@ from fcnjax.conversion.mobilenet_v3 import (convert_deeplabv3_mobilenet_v3_large
                                             convert_lraspp_mobilenet_v3_large, convert_mobilenet_v3_large)
 from fcnjax.models.mobilenet_v3 import (MobileNetV3LargeTrunk, hardsigmoid, hardswish,  # noqa: E402
                                         make_divisible)
-from fcnjax.ops import Conv  # noqa: E402
+from fcnjax.ops import depthwise  # noqa: E402
 from test_resnet import nchw_to_nhwc, randomise_batch_norm  # noqa: E402
 
 # max|fcnjax - torch| <= RTOL * max|torch| on every compared tensor (float32 on CPU).
@@ -103,49 +103,28 @@ def test_squeeze_channels_follow_torchvisions_make_divisible():
     assert make_divisible(value, 8) == _make_divisible(value, 8), value
 
 
-@pytest.mark.parametrize("stride, dilation, kernel", [pytest.param(1, 1, 3, marks=pytest.mark.slow), (2, 1, 5),
-                                                     pytest.param(1, 2, 5, marks=pytest.mark.slow)])
-def test_depthwise_conv_matches_torch_and_takes_lax(stride, dilation, kernel):
-  """fcnjax.ops.Conv with feature_group_count = channels: torch's depthwise Conv2d (values, input and weight
-  gradients). The CPU forms take no groups, so these convolutions are lax's (no custom VJP in the program)."""
-  channels, pad = 24, (kernel - 1) // 2 * dilation
-  rng = np.random.default_rng(stride + dilation + kernel)
-  x_np = rng.standard_normal((2, channels, 13, 11)).astype(np.float32)
-  w_np = rng.standard_normal((channels, 1, kernel, kernel)).astype(np.float32)
-  x, w = torch.tensor(x_np, requires_grad=True), torch.tensor(w_np, requires_grad=True)
-  y = torch.nn.functional.conv2d(x, w, stride=stride, padding=pad, dilation=dilation, groups=channels)
-  dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
-  dx, dw = torch.autograd.grad(y, (x, w), dy)
-
-  layer = Conv(channels, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
-               kernel_dilation=dilation, feature_group_count=channels, use_bias=False)
-  variables = {"params": {"kernel": jnp.asarray(w_np.transpose(2, 3, 1, 0))}}
-
-  def apply(variables, x):
-    return layer.apply(variables, x)
-
-  x_nhwc = jnp.asarray(x_np.transpose(0, 2, 3, 1))
-  out, vjp = jax.vjp(apply, variables, x_nhwc)
-  grad_variables, grad_x = vjp(nchw_to_nhwc(dy))
-  what = f"depthwise {kernel}x{kernel} stride {stride} dilation {dilation}"
-  assert_close(out, nchw_to_nhwc(y), what)
-  assert_close(grad_x, nchw_to_nhwc(dx), what + " input gradient")
-  assert_close(grad_variables["params"]["kernel"], dw.numpy().transpose(2, 3, 1, 0), what + " weight gradient")
-  assert "custom_vjp" not in str(jax.make_jaxpr(jax.grad(lambda v, x: apply(v, x).sum()))(variables, x_nhwc))
-
-
 @pytest.mark.slow
-def test_mobilenet_convolutions_take_fcnjax_conv_except_the_depthwise_ones():
+def test_mobilenet_convolutions_take_fcnjax_conv_and_the_depthwise_ones_fcnjax_depthwise(monkeypatch):
   """Every dense convolution of lraspp_mobilenet_v3_large goes through fcnjax.ops.conv's custom VJP (the CPU
-  forms); the depthwise ones (kernels (k, k, 1, C)) go to lax."""
+  forms), every depthwise one (kernel (k, k, 1, C)) through fcnjax.ops.depthwise's (tests/test_depthwise.py checks
+  it against torch)."""
   from test_conv import _conv_kernel_shapes  # pylint: disable=g-import-not-at-top
+  routed_depthwise = []
+  by_taps = depthwise.depthwise_conv
+
+  def counting_depthwise(x, kernel, *args):
+    routed_depthwise.append(tuple(kernel.shape))
+    return by_taps(x, kernel, *args)
+
+  monkeypatch.setattr(depthwise, "depthwise_conv", counting_depthwise)
   model = models.build_model(dict(name="lraspp_mobilenet_v3_large", num_classes=3))
   layers, routed = _conv_kernel_shapes(model, (1, 32, 32, 3))
-  depthwise = [shape for shape in layers if shape[2] == 1]
+  depthwise_layers = [shape for shape in layers if shape[2] == 1]
   # A depthwise conv per block; 51 others: the stem, 14 expansions, 15 projections, 8 squeeze-excitations' fc1 and
   # fc2, the last conv and the head's 4.
-  assert len(depthwise) == 15 and len(layers) == 15 + 51
-  assert routed == sorted((collections.Counter(layers) - collections.Counter(depthwise)).elements())
+  assert len(depthwise_layers) == 15 and len(layers) == 15 + 51
+  assert routed == sorted((collections.Counter(layers) - collections.Counter(depthwise_layers)).elements())
+  assert sorted(routed_depthwise) == sorted(depthwise_layers * 2)  # once in init's forward pass, once in apply's
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ weight gradient) `cpu_forms` names the form that computes it when compiling for 
   patches(x)^T @ dy summed over strips of output rows, each strip's patch matrix small enough to stay in cache and
   feed one GEMM;
 - "xla": everything else, lax's own.
+Depthwise convolutions (one input channel per group) take fcnjax.ops.depthwise's sum over taps on CPU, for all three
+parts; other grouped convolutions go to lax.
 Every other backend (cuDNN) runs lax's own: lax.platform_dependent picks per platform when compiling.
 Inside `fcnjax.ops.portable_forms()` every convolution is lax's own on every platform (what exported graphs hold).
 
@@ -37,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fcnjax.ops import native, portable, windows
+from fcnjax.ops import depthwise, native, portable, windows
 
 Array = jax.Array
 NHWC_HWIO = ("NHWC", "HWIO", "NHWC")  # dimension numbers: input, kernel, output
@@ -79,12 +81,14 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
                          dimension_numbers: Any = None, feature_group_count: int = 1, batch_group_count: int = 1,
                          precision: Any = None, preferred_element_type: Any = None) -> Array:
   """lax.conv_general_dilated's signature (what flax's nn.Conv calls); 2-D NHWC/HWIO convolutions without input
-  dilation or groups take the CPU forms above, anything else goes to lax unchanged."""
-  has_cpu_forms = (lhs.ndim == 4 and feature_group_count == 1 and batch_group_count == 1
-                   and preferred_element_type is None and all(d == 1 for d in (lhs_dilation or (1, 1)))
-                   and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-                   == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC_HWIO))
-  if not has_cpu_forms or portable.enabled():
+  dilation take the CPU forms above, or fcnjax.ops.depthwise's when they are depthwise; anything else goes to lax
+  unchanged."""
+  nhwc_2d = (lhs.ndim == 4 and batch_group_count == 1 and preferred_element_type is None
+             and all(d == 1 for d in (lhs_dilation or (1, 1)))
+             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+             == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC_HWIO))
+  by_taps = nhwc_2d and depthwise.is_depthwise(lhs.shape, rhs.shape, feature_group_count)
+  if not (nhwc_2d and feature_group_count == 1 or by_taps) or portable.enabled():
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                                     feature_group_count, batch_group_count, precision, preferred_element_type)
   strides = tuple(int(s) for s in window_strides)
@@ -93,6 +97,8 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
     window = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:2], dilation)]
     padding = lax.padtype_to_pads(lhs.shape[1:3], window, strides, padding)
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if by_taps:
+    return depthwise.depthwise_conv(lhs, rhs, strides, pads, dilation, precision)
   return _conv(lhs, rhs, strides, pads, dilation, precision)
 
 

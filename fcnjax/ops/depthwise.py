@@ -1,0 +1,104 @@
+"""Depthwise convolution (one input channel per group: MobileNetV3's inverted residuals, smp's separable convs) on CPU
+as a sum over the window's taps.
+
+Each tap (i, j) of a k x k window reads a strided slice of the padded input (fcnjax.ops.windows.taps); the output is
+the sum over taps of that slice times the tap's per-channel weights. Channels are the last, contiguous axis, so
+every term is an element-wise multiply-add that XLA fuses into one vectorised loop. Its gradients are written the
+same way: the input gradient puts dy times each tap's weights back where the tap read (windows.fold), the weight
+gradient of a tap is its slice times dy summed over batch and positions.
+
+Why: XLA:CPU lowers a grouped convolution with as many groups as channels to a generic loop that runs these layers
+at a small fraction of PyTorch's speed, and its gradients slower still (benchmarks/depthwise_layers.py prints each
+part per layer against PyTorch). Every other backend keeps lax's grouped convolution (lax.platform_dependent),
+and so does fcnjax.ops.portable_forms() (what exported graphs hold).
+
+Values equal lax's up to float32 summation order; half-precision inputs are summed in float32.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from fcnjax.ops import windows
+
+Array = jax.Array
+NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
+
+
+def is_depthwise(lhs_shape: Sequence[int], rhs_shape: Sequence[int], feature_group_count: int) -> bool:
+  """An NHWC/HWIO convolution with one group per input channel and one output channel per group."""
+  return (len(lhs_shape) == 4 and feature_group_count > 1 and rhs_shape[2] == 1
+          and rhs_shape[3] == feature_group_count == lhs_shape[3])
+
+
+def _accumulation_dtype(dtype) -> jnp.dtype:
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _tap_weights(kernel: Array, dtype) -> Array:
+  """(kh * kw, c): each tap's per-channel weights, row-major over the window as windows.taps orders the taps."""
+  kh, kw, _, c = kernel.shape
+  return kernel.reshape(kh * kw, c).astype(dtype)
+
+
+def depthwise_by_taps(x: Array, kernel: Array, strides, pads, dilation) -> Array:
+  """sum over taps t of taps(x)[t] * kernel[t]: the depthwise convolution of x (n, h, w, c) with kernel
+  (kh, kw, 1, c), padded by pads (per spatial axis, (low, high))."""
+  window = kernel.shape[:2]
+  out = windows.out_hw(x.shape[1:3], window, strides, pads, dilation)
+  accumulate = _accumulation_dtype(x.dtype)
+  weights = _tap_weights(kernel, accumulate)
+  total = None
+  for tap, values in enumerate(windows.taps(windows.pad_hw(x, pads), window, out, strides, dilation)):
+    term = values.astype(accumulate) * weights[tap]
+    total = term if total is None else total + term
+  return total.astype(x.dtype)
+
+
+def depthwise_grads_by_taps(x: Array, kernel: Array, dy: Array, strides, pads, dilation) -> tuple[Array, Array]:
+  """(d/dx, d/dkernel) of depthwise_by_taps for the output gradient dy."""
+  window = kernel.shape[:2]
+  accumulate = _accumulation_dtype(x.dtype)
+  weights = _tap_weights(kernel, accumulate)
+  dy_wide = dy.astype(accumulate)
+  dx = windows.fold([dy_wide * weights[tap] for tap in range(weights.shape[0])], window, x.shape[1:3], strides,
+                    pads, dilation)
+  tap_values = windows.taps(windows.pad_hw(x, pads), window, dy.shape[1:3], strides, dilation)
+  dk = jnp.stack([jnp.sum(values.astype(accumulate) * dy_wide, axis=(0, 1, 2)) for values in tap_values])
+  return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+def _lax_depthwise(x, kernel, strides, pads, dilation, precision):
+  return lax.conv_general_dilated(x, kernel, strides, pads, rhs_dilation=dilation, dimension_numbers=NHWC_HWIO,
+                                  feature_group_count=x.shape[3], precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def depthwise_conv(x: Array, kernel: Array, strides: tuple[int, int], pads: tuple[tuple[int, int], ...],
+                   dilation: tuple[int, int], precision=None) -> Array:
+  """The depthwise convolution by taps when compiling for CPU, lax's grouped convolution elsewhere."""
+  return lax.platform_dependent(
+      x, kernel, cpu=lambda x, k: depthwise_by_taps(x, k, strides, pads, dilation),
+      default=lambda x, k: _lax_depthwise(x, k, strides, pads, dilation, precision))
+
+
+def _depthwise_fwd(x, kernel, strides, pads, dilation, precision):
+  return depthwise_conv(x, kernel, strides, pads, dilation, precision), (x, kernel)
+
+
+def _depthwise_bwd(strides, pads, dilation, precision, residuals, dy):
+  x, kernel = residuals
+
+  def lax_grads(x, kernel, dy):
+    return jax.vjp(lambda x, k: _lax_depthwise(x, k, strides, pads, dilation, precision), x, kernel)[1](dy)
+
+  return lax.platform_dependent(
+      x, kernel, dy, cpu=lambda x, k, dy: depthwise_grads_by_taps(x, k, dy, strides, pads, dilation),
+      default=lax_grads)
+
+
+depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
