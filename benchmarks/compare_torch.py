@@ -2,6 +2,7 @@
 
   python -m benchmarks.compare_torch                                   # fcn8s, unet, fcn_resnet50; batch 2, 224x224
   python -m benchmarks.compare_torch --models unet --size 64 --steps 2 --rounds 2   # a quick check of the script
+  python -m benchmarks.compare_torch --models all                      # also the rest of the torchvision/smp zoo
   python -m benchmarks.compare_torch --torch_compile --dtype bfloat16 --out runs/bench/bf16.json
 
 Each model is timed twice, as a train step and as inference:
@@ -13,8 +14,9 @@ Each model is timed twice, as a train step and as inference:
   ONNX file fcnjax exports (fcnjax.exporting.save_onnx) run by ONNX Runtime's default CPU provider on the same
   threads. That file holds the 'out' head only, so for a model with an aux head ORT does less work than the others.
 The references are tests.torch_reference.fcn.FCN8s, tests.torch_reference.unet.UNet (64..1024, BatchNorm,
-transposed-conv up-sampling) and torchvision.models.segmentation.fcn_resnet50(aux_loss=True). fcnjax gets the torch
-model's initial weights through the converters, and the two inference outputs are compared once ("parity"), which
+transposed-conv up-sampling), torchvision.models.segmentation's builders (aux_loss=True where they have one) and
+segmentation_models_pytorch's Unet and DeepLabV3Plus on a resnet34 encoder. fcnjax gets the torch model's initial
+weights through the converters, and the two inference outputs are compared once ("parity"), which
 checks that the two networks really are the same one.
 
 Frameworks take turns in rounds (see benchmarks/harness.py). Reported per model and mode: images/s (median and
@@ -48,7 +50,12 @@ if __package__ in (None, ""):  # run as a file (python benchmarks/compare_torch.
 
 from benchmarks import harness  # noqa: E402 pylint: disable=g-import-not-at-top
 
+# The default set; --models all adds the rest of the zoo.
 MODELS = ("fcn8s", "unet", "fcn_resnet50")
+SMP_MODELS = {"smp_unet": "Unet", "smp_deeplabv3plus": "DeepLabV3Plus"}  # fcnjax name -> smp class
+SMP_ENCODER = "resnet34"  # smp's default encoder
+ALL_MODELS = MODELS + ("fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large",
+                       "lraspp_mobilenet_v3_large", *SMP_MODELS)
 MODES = ("train", "infer")
 LEARNING_RATE = 0.01
 AUX_WEIGHT = 0.5  # torchvision references/segmentation: loss = out + 0.5 * aux; fcnjax.losses' default
@@ -57,7 +64,7 @@ AUX_WEIGHT = 0.5  # torchvision references/segmentation: loss = out + 0.5 * aux;
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {MODELS}")
+  p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {ALL_MODELS}, or 'all'")
   p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--size", type=int, default=224, help="square input size")
@@ -76,11 +83,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--out", default="", help="write the results as JSON here")
   p.add_argument("--probe_torch_memory", default="", help=argparse.SUPPRESS)  # internal: 'model:mode'
   args = p.parse_args(argv)
-  args.models = [m for m in args.models.split(",") if m]
+  args.models = list(ALL_MODELS) if args.models == "all" else [m for m in args.models.split(",") if m]
   args.modes = [m for m in args.modes.split(",") if m]
   for m in args.models:
-    if m not in MODELS:
-      p.error(f"--models: unknown model {m!r}; expected some of {MODELS}")
+    if m not in ALL_MODELS:
+      p.error(f"--models: unknown model {m!r}; expected some of {ALL_MODELS}")
   for m in args.modes:
     if m not in MODES:
       p.error(f"--modes: unknown mode {m!r}; expected some of {MODES}")
@@ -101,9 +108,13 @@ def torch_model(name: str, num_classes: int):
   elif name == "unet":
     from tests.torch_reference.unet import UNet  # pylint: disable=g-import-not-at-top
     model = UNet(num_classes=num_classes)
+  elif name in SMP_MODELS:
+    import segmentation_models_pytorch as smp  # pylint: disable=g-import-not-at-top
+    model = getattr(smp, SMP_MODELS[name])(SMP_ENCODER, encoder_weights=None, classes=num_classes)
   else:
-    from torchvision.models.segmentation import fcn_resnet50  # pylint: disable=g-import-not-at-top
-    model = fcn_resnet50(weights=None, weights_backbone=None, aux_loss=True, num_classes=num_classes)
+    from torchvision.models import segmentation  # pylint: disable=g-import-not-at-top
+    aux = {} if name.startswith("lraspp") else {"aux_loss": True}  # LR-ASPP has no aux head
+    model = getattr(segmentation, name)(weights=None, weights_backbone=None, num_classes=num_classes, **aux)
   generator = torch.Generator().manual_seed(0)
   with torch.no_grad():
     for param in model.parameters():
@@ -113,15 +124,17 @@ def torch_model(name: str, num_classes: int):
 
 
 def flax_variables_from_torch(name: str, model) -> dict:
+  """The torch model's weights through fcnjax's converter for its architecture (the test twins' own for FCN-8s and
+  U-Net, which torchvision does not ship)."""
   if name == "fcn8s":
     from tests.torch_reference.fcn import to_flax_variables  # pylint: disable=g-import-not-at-top
     return to_flax_variables(model)
   if name == "unet":
     from tests.torch_reference.unet import flax_variables  # pylint: disable=g-import-not-at-top
     return flax_variables(model)
-  from fcnjax.conversion.resnet import convert_fcn_resnet50  # pylint: disable=g-import-not-at-top
+  from fcnjax import conversion  # pylint: disable=g-import-not-at-top
   state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-  return convert_fcn_resnet50(state, aux_loss=True)
+  return conversion.get_converter(name)(state)
 
 
 def fcnjax_model(name: str, num_classes: int, dtype: str):
@@ -129,6 +142,8 @@ def fcnjax_model(name: str, num_classes: int, dtype: str):
   config = {"name": name, "num_classes": num_classes, "dtype": dtype}
   if name == "fcn8s":
     config["variant"] = "paper"  # the reference nets' FCN-8s, as tests.torch_reference.fcn
+  if name in SMP_MODELS:
+    config["encoder"] = SMP_ENCODER
   return models.build_model(config)
 
 
@@ -172,6 +187,7 @@ class RunnerInfo:
   memory_bytes: int | None = None
   memory_method: str = ""
   donated: bool | None = None
+  file_bytes: int | None = None         # the exported file's size (ONNX Runtime only)
   error: str = ""
 
 
@@ -258,6 +274,7 @@ class OrtInfer:
     path = os.path.join(directory, "model.onnx")
     start = time.perf_counter()
     exporting.save_onnx(Segmenter(model, variables), path, images.shape[1], images.shape[2])
+    self.info.file_bytes = os.path.getsize(path)
     self.session = exporting.onnx_session(path, threads)
     self.info.compile_s = time.perf_counter() - start  # export and session set-up
     self.outputs = {"out": self.run_onnx(self.session, images)}
@@ -362,6 +379,8 @@ def probe_torch_memory(args) -> None:
   import tests.torch_reference.fcn  # noqa: F401 pylint: disable=g-import-not-at-top,unused-import
   import tests.torch_reference.unet  # noqa: F401 pylint: disable=g-import-not-at-top,unused-import
   import torchvision.models.segmentation  # noqa: F401 pylint: disable=g-import-not-at-top,unused-import
+  if name in SMP_MODELS:
+    import segmentation_models_pytorch  # noqa: F401 pylint: disable=g-import-not-at-top,unused-import
   from fcnjax import memory  # pylint: disable=g-import-not-at-top
   images, masks = make_batch(args)
   baseline = memory.rss_bytes()
