@@ -15,6 +15,13 @@ CONVERTER = REPO_ROOT / "conversions" / "convert_torchvision.py"
 subprocess_env = reliability_helpers.env
 
 
+def pytest_collection_modifyitems(config, items):
+  """Slow tests first (stable within each group): with -n 2 the long ones then start early, and the many short ones
+  fill in at the end, instead of one worker finishing a long test alone."""
+  del config
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_compile_cache(tmp_path_factory):
   """One persistent XLA compilation cache for this pytest session, in-process and for every subprocess.
