@@ -28,10 +28,13 @@ def session_compile_cache(tmp_path_factory):
 
   Many tests train the same tiny configs again (resume, interruption, several processes); compiling their steps
   once instead of in every run is most of the suite's time on a 2-core CI machine. The cache is per session
-  (pytest's basetemp), so no test ever reads what another session compiled.
+  (pytest's basetemp; with pytest-xdist the folder above the workers' own, so that they share it), so no test ever
+  reads what another session compiled. Processes that share it read and write it at once, as the simulated hosts
+  of a multi-process run do: JAX compiles again when an entry cannot be read.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  cache = str(tmp_path_factory.getbasetemp() / "xla-cache")
+  base = tmp_path_factory.getbasetemp()
+  cache = str((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xla-cache")
   os.environ.update({"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                      "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
   jax.config.update("jax_compilation_cache_dir", cache)
