@@ -36,6 +36,8 @@ CASES = [
     (2, 11, 10, 8, 4, 1, 2, ((0, 0), (0, 0)), 1),
     (1, 12, 11, 6, 7, 7, 1, ((0, 0), (0, 0)), 1),
     (2, 12, 12, 3, 3, 3, 1, ((1, 2), (0, 3)), 1),
+    (1, 5, 6, 4, 4, 3, 1, ((12, 12), (12, 12)), 12),  # a rate wider than the map: only the centre tap reads it
+    (2, 30, 14, 4, 4, 3, 1, ((24, 24), (24, 24)), 24),  # rate 24: all rows of taps read 30 rows, 14 columns one
 ]
 
 
@@ -384,6 +386,18 @@ def test_strip_rows_divides_when_it_can():
   assert conv.strip_rows(7, 0) == 1
 
 
+def test_taps_reading_only_padding_are_dropped():
+  """drop_padding_taps keeps the live taps and the output size: ASPP's rates on small maps, and nothing else."""
+  kernel = jnp.zeros((3, 3, 2, 2))
+  assert conv.drop_padding_taps((14, 14), kernel, (1, 1), ((36, 36), (36, 36)), (36, 36))[0].shape == (1, 1, 2, 2)
+  live, pads = conv.drop_padding_taps((30, 14), kernel, (1, 1), ((24, 24), (24, 24)), (24, 24))
+  assert live.shape == (3, 1, 2, 2) and pads == ((24, 24), (0, 0))
+  for in_hw, pads, dilation in [((14, 14), ((12, 12), (12, 12)), (12, 12)), ((8, 8), ((1, 1), (1, 1)), (1, 1)),
+                                ((3, 3), ((0, 0), (0, 0)), (1, 1))]:
+    same, same_pads = conv.drop_padding_taps(in_hw, kernel, (1, 1), pads, dilation)
+    assert same is kernel and same_pads == pads
+
+
 def test_other_convolutions_go_to_lax_unchanged():
   """Grouped, input-dilated or non-NHWC convolutions are not ours: the same function, the same values."""
   x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 8, 8, 4)), jnp.float32)
@@ -435,7 +449,8 @@ def _conv_kernel_shapes(model, image_shape):
     ("unet", dict(base_width=4, depth=2), 20, 11),  # 10 3x3 layers, outc; 2 transposed up-convolutions
     ("unet", dict(base_width=4, depth=2, upsampling="bilinear"), 20, 13),  # + each Up's 1x1 "up" layer
     ("fcn8s", {}, 32, 18),  # 13 VGG layers, fc6, fc7, score_fr, score_pool3/4; 3 transposed upscore layers
-    ("fcn_resnet50", {}, 32, 57),  # ResNet-50's 53, the classifier's and the aux head's 3x3 and 1x1
+    ("fcn_resnet50", {}, 64, 57),  # ResNet-50's 53, the classifier's and the aux head's 3x3 and 1x1; 64 pixels
+                                   # make layer4's map (8x8) wider than its dilation, so no tap is dropped
 ])
 def test_every_model_convolution_goes_through_fcnjax_conv(name, options, image_size, num_layers):
   """Each convolution layer of the model calls fcnjax.ops.conv's custom VJP once in its forward pass, with that

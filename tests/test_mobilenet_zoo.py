@@ -118,7 +118,9 @@ def test_mobilenet_convolutions_take_fcnjax_conv_and_the_depthwise_ones_fcnjax_d
 
   monkeypatch.setattr(depthwise, "depthwise_conv", counting_depthwise)
   model = models.build_model(dict(name="lraspp_mobilenet_v3_large", num_classes=3))
-  layers, routed = _conv_kernel_shapes(model, (1, 32, 32, 3))
+  # 96 pixels: the dilated last stage's 6x6 map is wider than its 5x5 taps at rate 2, so no tap is dropped
+  # (fcnjax.ops.conv.drop_padding_taps) and every kernel keeps its shape.
+  layers, routed = _conv_kernel_shapes(model, (1, 96, 96, 3))
   depthwise_layers = [shape for shape in layers if shape[2] == 1]
   # A depthwise conv per block; 51 others: the stem, 14 expansions, 15 projections, 8 squeeze-excitations' fc1 and
   # fc2, the last conv and the head's 4.

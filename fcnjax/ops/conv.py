@@ -97,9 +97,48 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
     window = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:2], dilation)]
     padding = lax.padtype_to_pads(lhs.shape[1:3], window, strides, padding)
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  rhs, pads = drop_padding_taps(lhs.shape[1:3], rhs, strides, pads, dilation)
   if by_taps:
     return depthwise.depthwise_conv(lhs, rhs, strides, pads, dilation, precision)
   return _conv(lhs, rhs, strides, pads, dilation, precision)
+
+
+def _live_taps(size: int, kernel: int, stride: int, pads: tuple[int, int], dilation: int) -> list[int]:
+  """The taps of one spatial axis that read at least one input row (not only padding) at some output position."""
+  lo, hi = pads
+  out = (size + lo + hi - (kernel - 1) * dilation - 1) // stride + 1
+  live = []
+  for tap in range(kernel):
+    start = tap * dilation - lo  # the input row this tap reads at output position 0
+    first = -(start // stride) if start < 0 else 0  # the first output position where it reads a row >= 0
+    if first < out and start + first * stride < size:
+      live.append(tap)
+  return live
+
+
+def drop_padding_taps(in_hw, kernel: Array, strides, pads, dilation):
+  """The kernel without its outer rows and columns of taps that read only padding, and the padding that keeps the
+  output the same: (kernel, pads). Those taps add exact zeros; a dilated convolution on a map smaller than its rate
+  (torchvision's ASPP rates 12/24/36 on a 14x14 map) then costs its live taps only, a 3x3 kernel often becoming a
+  1x1 (a GEMM). The input's rows and columns are all still read, so the values and both gradients are unchanged
+  (a dropped tap's weight gradient is zero either way). Kept as it is when no tap is dead or a padding would turn
+  negative."""
+  new_pads, bounds = [], []
+  for axis in range(2):
+    k, (lo, hi) = kernel.shape[axis], pads[axis]
+    live = _live_taps(in_hw[axis], k, strides[axis], (lo, hi), dilation[axis])
+    if not live:
+      return kernel, pads
+    first, last = live[0], live[-1]
+    new_lo, new_hi = lo - first * dilation[axis], hi - (k - 1 - last) * dilation[axis]
+    if new_lo < 0 or new_hi < 0:
+      return kernel, pads
+    new_pads.append((new_lo, new_hi))
+    bounds.append((first, last + 1))
+  if all(b == (0, k) for b, k in zip(bounds, kernel.shape[:2])):
+    return kernel, pads
+  (top, bottom), (left, right) = bounds
+  return kernel[top:bottom, left:right], tuple(new_pads)
 
 
 # Flax's convolution through this module's forms: same parameters and names as nn.Conv.
