@@ -106,6 +106,7 @@ def torch_model(name: str, num_classes: int):
   statistics and affine parameters drawn at random, so that the parity check compares more than zeros (FCN-8s'
   score layers start at zero) and eval-mode BatchNorm is not the identity it is when fresh."""
   import torch  # pylint: disable=g-import-not-at-top
+  from tests.torch_reference import randomize_batch_norm  # pylint: disable=g-import-not-at-top
   if name == "fcn8s":
     from tests.torch_reference.fcn import FCN8s  # pylint: disable=g-import-not-at-top
     model = FCN8s(num_classes)
@@ -124,14 +125,7 @@ def torch_model(name: str, num_classes: int):
     for param in model.parameters():
       if param.dim() > 1 and not param.any():
         param.copy_(torch.randn(param.shape, generator=generator) * 0.01)
-    for module in model.modules():
-      if isinstance(module, torch.nn.BatchNorm2d):
-        n = module.num_features
-        module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-        module.bias.copy_(torch.randn(n, generator=generator) * 0.2)
-        module.running_mean.copy_(torch.randn(n, generator=generator) * 0.2)
-        module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-  return model
+  return randomize_batch_norm(model, shift_std=0.2, var_range=(0.5, 1.5), generator=generator)
 
 
 def flax_variables_from_torch(name: str, model) -> dict:

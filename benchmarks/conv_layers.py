@@ -16,8 +16,6 @@ names in `cpu_forms` ("forward", "input_grad", "weight_grad").
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 
 import jax
@@ -25,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from benchmarks import harness
 from fcnjax.ops import conv
 
 # (batch or 0 for --batch, size, in, out, kernel, stride, padding)
@@ -108,9 +107,7 @@ def main():
     print(f"| {batch} | {size} | {cin} -> {cout} | {k}/{stride} | {' | '.join(cells)} | {row['relative_diff']:.1e} |",
           flush=True)
   if args.out:
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump({"device": jax.devices()[0].device_kind, "rows": rows}, f, indent=2)
+    harness.write_json(args.out, {"device": jax.devices()[0].device_kind, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ a warm-up. The last column is fcnjax's largest difference from XLA's, relative t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from benchmarks import harness
 from fcnjax.ops import depthwise
 
 # (size, channels, kernel, stride, dilation); padding keeps the size (torchvision's and smp's).
@@ -118,9 +118,7 @@ def main():
     print(f"| {size} | {channels} | {k}/{stride}/{dilation} | {' | '.join(cells)} | {row['relative_diff']:.1e} |",
           flush=True)
   if args.out:
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump({"device": jax.devices()[0].device_kind, "batch": args.batch, "rows": rows}, f, indent=2)
+    harness.write_json(args.out, {"device": jax.devices()[0].device_kind, "batch": args.batch, "rows": rows})
 
 
 if __name__ == "__main__":

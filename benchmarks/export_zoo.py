@@ -14,7 +14,6 @@ Parameters are counted from the converted variables (BatchNorm statistics left o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import compare_torch  # noqa: E402 pylint: disable=g-import-not-at-top
+from benchmarks import compare_torch, harness  # noqa: E402 pylint: disable=g-import-not-at-top
 
 
 def export_model(name: str, height: int, width: int, num_classes: int, directory: str) -> dict:
@@ -83,9 +82,7 @@ def main(argv=None):
             f"{row['onnx_bytes'] / 1e6:.0f} | {row['parity_torch']:.1e} | {row['parity_stablehlo']:.1e} | "
             f"{row['parity_onnx']:.1e} |", flush=True)
   if args.out:
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(rows, f, indent=2)
+    harness.write_json(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -103,13 +103,11 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
   return _conv(lhs, rhs, strides, pads, dilation, precision)
 
 
-def _live_taps(size: int, kernel: int, stride: int, pads: tuple[int, int], dilation: int) -> list[int]:
-  """The taps of one spatial axis that read at least one input row (not only padding) at some output position."""
-  lo, hi = pads
-  out = (size + lo + hi - (kernel - 1) * dilation - 1) // stride + 1
+def _live_taps(size: int, out: int, kernel: int, stride: int, pad_lo: int, dilation: int) -> list[int]:
+  """The taps of one spatial axis (`out` output positions) that read at least one input row, not only padding."""
   live = []
   for tap in range(kernel):
-    start = tap * dilation - lo  # the input row this tap reads at output position 0
+    start = tap * dilation - pad_lo  # the input row this tap reads at output position 0
     first = -(start // stride) if start < 0 else 0  # the first output position where it reads a row >= 0
     if first < out and start + first * stride < size:
       live.append(tap)
@@ -123,10 +121,11 @@ def drop_padding_taps(in_hw, kernel: Array, strides, pads, dilation):
   1x1 (a GEMM). The input's rows and columns are all still read, so the values and both gradients are unchanged
   (a dropped tap's weight gradient is zero either way). Kept as it is when no tap is dead or a padding would turn
   negative."""
+  out = windows.out_hw(in_hw, kernel.shape[:2], strides, pads, dilation)
   new_pads, bounds = [], []
   for axis in range(2):
     k, (lo, hi) = kernel.shape[axis], pads[axis]
-    live = _live_taps(in_hw[axis], k, strides[axis], (lo, hi), dilation[axis])
+    live = _live_taps(in_hw[axis], out[axis], k, strides[axis], lo, dilation[axis])
     if not live:
       return kernel, pads
     first, last = live[0], live[-1]
