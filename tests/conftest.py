@@ -1,5 +1,6 @@
 """Shared test settings. The suite runs on one CPU device; multi-device checks start subprocesses with
-XLA_FLAGS=--xla_force_host_platform_device_count=N so this process keeps its single device."""
+XLA_FLAGS=--xla_force_host_platform_device_count=N so this process keeps its single device. XLA compiles at LLVM's
+level 1 in tests (reliability_helpers.TEST_XLA_FLAGS)."""
 import os
 import pathlib
 import subprocess
@@ -8,6 +9,10 @@ import sys
 import pytest
 
 import reliability_helpers
+
+# Before JAX starts its CPU backend, which reads XLA_FLAGS once.
+if reliability_helpers.TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {reliability_helpers.TEST_XLA_FLAGS}".strip()
 
 REPO_ROOT = reliability_helpers.REPO_ROOT
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

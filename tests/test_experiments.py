@@ -9,12 +9,13 @@ from conftest import REPO_ROOT, load_experiment
 from fcnjax import checkpoint, data, losses, models, optim, reporting, training
 
 EXPERIMENTS = sorted(path.stem for path in (REPO_ROOT / "experiments").glob("*.py"))
-# The configs that train one step: one per kind of training (multiclass, auxiliary head with SGD, smp's model with a
-# loss sum); binary training with weight maps is isbi_unet's, which tests/test_isbi.py trains on real slices. The
-# others repeat one of these with another model, size or dataset, whose train step its own tests check
-# (tests/test_vgg_fcn.py, test_resnet.py, test_torchvision_zoo.py, test_mobilenet_zoo.py); each one-step run compiles
-# a train and an eval step, 1-2 minutes of a 2-core CI machine.
-ONE_STEP = ["pet_unet_resnet34", "quickstart", "voc_fcn_resnet50"]
+# The configs that train one step: one per kind of training that tests/test_train.py (multiclass, a U-Net with Adam:
+# the quickstart's, shrunk) does not already run: an auxiliary head with SGD, smp's model with a loss sum. Binary
+# training with weight maps is isbi_unet's, which tests/test_isbi.py trains on real slices. The others repeat one of
+# these with another model, size or dataset, whose train step its own tests check (tests/test_vgg_fcn.py,
+# test_resnet.py, test_torchvision_zoo.py, test_mobilenet_zoo.py); each one-step run compiles a train and an eval
+# step, 1-2 minutes of a 2-core CI machine.
+ONE_STEP = ["pet_unet_resnet34", "voc_fcn_resnet50"]
 
 
 def _own_data_info(config) -> data.DatasetInfo:

@@ -19,16 +19,17 @@ TOLERANCE = 1e-4
 TINY_UNET = {"name": "unet", "num_classes": 3, "base_width": 16, "depth": 2}
 # One model of each family (fcn16s/32s are fcn8s with fewer skips; the 101-layer ResNets repeat the 50-layer's blocks;
 # deeplabv3_resnet50 is fcn_resnet50's trunk under deeplabv3_mobilenet_v3_large's head; smp's resnet34 encoder is
-# resnet18's with more blocks), each at an odd size (smp's DeepLabV3+ takes multiples of its output stride only, as
-# smp's), the lighter models at an even size too; benchmarks/export_zoo.py exports every model at any size. FCN-8s and
+# resnet18's with more blocks), each at an odd size, where the crops and resizes of odd maps are in the graph (smp's
+# DeepLabV3+ takes multiples of its output stride only, as smp's); benchmarks/export_zoo.py exports every model at any
+# size. FCN-8s and
 # U-Net are exported narrower than their defaults, the same graphs with fewer channels: fcn8s' fc6 and fc7 at 4096 are
 # 120 M of its 134 M parameters, and an export of its 540 MB graph takes minutes on 2 CPU cores.
 ZOO = {
-    "fcn8s": ({"num_classes": 3, "fc_channels": 256}, [(64, 64), (67, 45)]),
-    "unet": ({"num_classes": 2, "base_width": 16}, [(64, 64), (67, 45)]),
+    "fcn8s": ({"num_classes": 3, "fc_channels": 256}, [(67, 45)]),
+    "unet": ({"num_classes": 2, "base_width": 16}, [(67, 45)]),
     "fcn_resnet50": ({"num_classes": 3}, [(67, 45)]),
     "deeplabv3_mobilenet_v3_large": ({"num_classes": 3}, [(67, 45)]),
-    "lraspp_mobilenet_v3_large": ({"num_classes": 3}, [(64, 64), (67, 45)]),
+    "lraspp_mobilenet_v3_large": ({"num_classes": 3}, [(67, 45)]),
     "smp_unet": ({"num_classes": 2, "encoder": "resnet18"}, [(65, 97)]),
     "smp_deeplabv3plus": ({"num_classes": 2, "encoder": "resnet18"}, [(96, 160)]),
 }
