@@ -22,7 +22,7 @@ import numpy as np
 from jax import lax
 
 from benchmarks import harness
-from fcnjax.ops import depthwise
+from fcnjax.ops import depthwise, windows
 
 # (size, channels, kernel, stride, dilation); padding keeps the size (torchvision's and smp's).
 CASES = [(112, 16, 3, 1, 1), (112, 64, 3, 2, 1), (56, 72, 3, 1, 1), (56, 72, 5, 2, 1), (28, 120, 5, 1, 1),
@@ -94,7 +94,7 @@ def main():
 
     def xla_conv(x, kernel):
       return lax.conv_general_dilated(x, kernel, strides, pads, rhs_dilation=dilations,
-                                      dimension_numbers=depthwise.NHWC_HWIO, feature_group_count=channels)
+                                      dimension_numbers=windows.NHWC_HWIO, feature_group_count=channels)
 
     def taps_conv(x, kernel):
       return depthwise.depthwise_conv(x, kernel, strides, pads, dilations)

@@ -1,10 +1,10 @@
-"""FCN-32s on Oxford-IIIT Pet (the recipe of experiments/pet_fcn8s.py)."""
-import os
-import sys
+"""FCN-32s on Oxford-IIIT Pet: the recipe of experiments/pet_fcn8s.py with the FCN-32s head."""
+import pathlib
 
-sys.path.insert(0, os.path.dirname(__file__))
-from pet_fcn8s import pet_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fcnjax.config import load_config_file
 
 
 def get_config():
-  return pet_config("fcn32s")
+  config = load_config_file(pathlib.Path(__file__).with_name("pet_fcn8s.py"))
+  config.model.name = "fcn32s"
+  return config

@@ -7,9 +7,9 @@ With ImageNet weights (see conversions/README.md):
 from fcnjax.config import base_config
 
 
-def pet_config(model_name: str):
-  """The Pet recipe shared by the FCN-32s/16s/8s experiments: only the model differs."""
-  config = base_config(model=dict(name=model_name, num_classes=3, variant="paper"))
+def get_config():
+  # experiments/pet_fcn16s.py and pet_fcn32s.py load this recipe and change the model's name alone.
+  config = base_config(model=dict(name="fcn8s", num_classes=3, variant="paper"))
   config.data.source = "tfds_pet"
   config.data.pet_border = "class"       # 3 classes as in the Keras Pet tutorial
   config.data.crop_size = 320
@@ -29,7 +29,3 @@ def pet_config(model_name: str):
   config.train.num_predictions = 8
   config.eval.batch_size = 16
   return config
-
-
-def get_config():
-  return pet_config("fcn8s")

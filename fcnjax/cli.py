@@ -28,7 +28,7 @@ def run(main: Callable[[list[str]], None]) -> None:
     # Orbax and JAX log every checkpoint step at INFO: keep the console to the progress bar unless --verbosity.
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
-      logging.get_absl_logger().addFilter(_without_disk_full_tracebacks)
+      logging.get_absl_logger().addFilter(_without_reported_tracebacks)
     compilation_cache.enable(flags.FLAGS.compilation_cache)
     try:
       return main(argv)
@@ -48,10 +48,12 @@ def run(main: Callable[[list[str]], None]) -> None:
   app.run(guarded_main)
 
 
-def _without_disk_full_tracebacks(record) -> bool:
-  """False for a log record about a full disk: orbax logs each failed background write with its traceback, and the
-  run then stops with diskspace.DiskFullError, whose one line says the same with where and what to do."""
-  if record.exc_info and record.exc_info[1] is not None and diskspace.is_disk_full(record.exc_info[1]):
+def _without_reported_tracebacks(record) -> bool:
+  """False for a log record about a full disk or a lost process: orbax logs each failed background write or commit
+  with its traceback, and the run then stops with diskspace.DiskFullError or the PeerLostError line, which say the
+  same with where and what to do."""
+  error = record.exc_info[1] if record.exc_info else None
+  if error is not None and (diskspace.is_disk_full(error) or parallel.is_peer_lost(error)):
     return False
   return not diskspace.text_is_disk_full(record.getMessage())
 

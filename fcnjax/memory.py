@@ -19,7 +19,6 @@ Host RSS is the process's peak resident memory while the row was built, compiled
 from __future__ import annotations
 
 import copy
-import functools
 import os
 import resource
 import sys
@@ -64,11 +63,8 @@ class TrainStep:
     self.device_count = self.mesh.size
     self.replicated, self.sharded = parallel.replicated(self.mesh), parallel.batch_sharded(self.mesh)
     self.abstract_state = jax.eval_shape(self._make_state, jax.random.PRNGKey(0))
-    self.step = jax.jit(
-        functools.partial(steps.train_step, loss_config=config.loss,
-                          learning_rate_fn=optim.learning_rate_schedule(config.optim, 1000)),
-        in_shardings=(self.replicated, self.sharded), out_shardings=(self.replicated, self.replicated),
-        donate_argnums=0)
+    self.step = steps.jit_train_step(config, optim.learning_rate_schedule(config.optim, 1000), self.replicated,
+                                     self.sharded)
 
   def _make_state(self, rng):
     variables = steps.init_variables(self.model, rng, (self.image_size, self.image_size, 3))

@@ -55,6 +55,8 @@ def initialize_distributed() -> None:
                jax.local_device_count(), jax.device_count())
   if jax.process_count() > 1:
     _watch_peers(peer_timeout_s())
+    if jax.process_index() != 0:
+      _stop_cleanly_when_the_service_is_lost()
 
 
 # The coordination service declares a silent process dead this much later than the watch of _watch_peers does.
@@ -64,13 +66,13 @@ _WATCH_INTERVAL_S = 1.0
 
 def _watch_peers(timeout_s: float) -> None:
   """Ends this process with one line when another one shows no sign of life for `timeout_s`, whatever this one is
-  doing (a collective, a barrier, a checkpoint save, the start-up).
+  doing (a collective, a barrier, a checkpoint save, the start-up, its shutdown).
 
   Each process counts up its own key in the coordination service's key-value store every second and reads the
   others'. JAX's own heartbeat timeout ends the survivors too, but by aborting them from its client (SIGABRT and a
   page of logs): its missed-heartbeat callback cannot be set from Python (jaxlib 0.10.2 has no conversion for the
   status it passes, std::bad_cast). A process that exits normally marks itself done first, so that a peer still
-  finishing (process 0 writing plots) does not take it for lost.
+  finishing (process 0 writing plots) does not take it for lost, then waits for the others' marks.
   """
   import atexit  # pylint: disable=g-import-not-at-top
   import threading  # pylint: disable=g-import-not-at-top
@@ -84,14 +86,18 @@ def _watch_peers(timeout_s: float) -> None:
     exiting.set()
     try:
       client.key_value_set(f"fcnjax/done/{me}", "1", allow_overwrite=True)
+      # JAX's exit handler then waits for every process at the service's shutdown barrier, holding the GIL: the
+      # watch could not end this process there. So wait here, watched, until every other process is done too.
+      while not all(_try_get(client, f"fcnjax/done/{peer}") for peer in range(count) if peer != me):
+        time.sleep(_WATCH_INTERVAL_S / 4)
     except Exception:  # pylint: disable=broad-except
-      pass  # the service is gone with process 0: no one is left to tell
+      pass  # the service is gone with process 0: no one is left to tell or wait for
 
   atexit.register(mark_done)
 
   def watch():
     beat, seen = 0, {}
-    while not exiting.is_set():
+    while True:  # also while this process exits: JAX's shutdown barrier waits for every peer
       now = time.monotonic()
       try:
         beat += 1
@@ -106,14 +112,62 @@ def _watch_peers(timeout_s: float) -> None:
             seen[peer] = (value, now)
           elif now - seen[peer][1] > timeout_s:
             _stop(f"process {peer} of {count} was lost (no sign of life for {timeout_s:.0f} s, "
-                  "FCNJAX_PEER_TIMEOUT_S)", exiting)
+                  "FCNJAX_PEER_TIMEOUT_S)")
       except Exception as e:  # pylint: disable=broad-except
+        if exiting.is_set():  # process 0 exits last of all, taking the service with it
+          return
         # The service is out of reach: process 0, which runs it, is gone (JAX's client aborts this process too).
         _stop(f"process 0 of {count}, which runs the coordination service, was lost "
-              f"({' '.join(str(e).split())[:120]})", exiting)
+              f"({' '.join(str(e).split())[:120]})")
       time.sleep(_WATCH_INTERVAL_S)
 
   threading.Thread(target=watch, name="fcnjax-peer-watch", daemon=True).start()
+
+
+# The SIGABRT handler of _stop_cleanly_when_the_service_is_lost, kept alive as long as it is installed.
+_ABORT_HANDLER: list = []
+
+
+def _stop_cleanly_when_the_service_is_lost() -> None:
+  """Turns JAX's abort of this process, when the coordination service is gone, into the run's one line and
+  EXIT_PEER_LOST.
+
+  The service runs in process 0. When process 0 is lost, JAX's client in every other process ends it at once from
+  its error-polling thread: a fatal log line and abort(), which Python's fault handler turns into pages of
+  tracebacks (exit -6); the client's handler cannot be replaced from Python (see _watch_peers). This SIGABRT
+  handler, installed through the C library, checks whether the service's address still accepts a connection: if it
+  does not, it prints the PeerLostError line and exits 75; any other abort goes on as before (the fault handler's
+  tracebacks, then the abort).
+  """
+  import ctypes  # pylint: disable=g-import-not-at-top
+  import faulthandler  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  import socket  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  host, _, port = distributed.global_state.coordinator_address.rpartition(":")
+  line = (f"PeerLostError: process 0 of {jax.process_count()}, which runs the coordination service, was lost; "
+          f"process {jax.process_index()} stops too. The last finished checkpoint is intact: start every process "
+          "again with the same command to resume from it.\n").encode()
+
+  def on_abort(signum):
+    del signum
+    try:
+      socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+    except OSError:  # refused or unreachable: the service is gone
+      sys.stdout.flush()
+      os.write(2, line)
+      os._exit(EXIT_PEER_LOST)  # pylint: disable=protected-access
+    faulthandler.enable()  # another cause: the fault handler's tracebacks, then abort() goes on
+    os.abort()
+
+  libc = ctypes.CDLL(None, use_errno=True)
+  handler_type = ctypes.CFUNCTYPE(None, ctypes.c_int)
+  libc.signal.argtypes = [ctypes.c_int, handler_type]
+  libc.signal.restype = ctypes.c_void_p
+  handler = handler_type(on_abort)
+  _ABORT_HANDLER[:] = [handler]
+  libc.signal(signal.SIGABRT, handler)
 
 
 def _try_get(client, key: str) -> str | None:
@@ -125,10 +179,8 @@ def _try_get(client, key: str) -> str | None:
     raise
 
 
-def _stop(who: str, exiting) -> None:
+def _stop(who: str) -> None:
   import sys  # pylint: disable=g-import-not-at-top
-  if exiting.is_set():  # a normal exit is under way: the peers are done, not lost
-    return
   print(f"PeerLostError: {who}; process {jax.process_index()} stops too. The last finished checkpoint is intact: "
         "start every process again with the same command to resume from it.", file=sys.stderr, flush=True)
   sys.stdout.flush()
@@ -136,8 +188,10 @@ def _stop(who: str, exiting) -> None:
 
 
 # What a collective or a barrier of the coordination service raises when another process is gone: gloo's TCP
-# connection to it breaks (CPU), or the service reports its missing heartbeats.
+# connection to it breaks (CPU), the service reports its missing heartbeats, or the service itself is gone with
+# process 0.
 _PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "heartbeat timeout",
+              "Failed to send RPC to coordination service",
               "stopped sending heartbeats", "task is set to ERROR", "Gloo context initialization failed")
 _TASK = re.compile(r"\b[Tt]ask[ :](\d+)\b|/task:(\d+)")
 

@@ -210,10 +210,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  train_step = jax.jit(
-      functools.partial(steps.train_step, loss_config=config.loss, learning_rate_fn=learning_rate_fn,
-                        skip_nonfinite=config.train.on_nonfinite == "skip"),
-      in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated), donate_argnums=0)
+  train_step = steps.jit_train_step(config, learning_rate_fn, replicated, batch_sharding)
   eval_step = evaluation.make_eval_step(model, info, mesh)
   # Compiled before the barrier: a host that compiles more slowly than its peers then waits there, not in its
   # first collective (see parallel.wait_for_all_processes).

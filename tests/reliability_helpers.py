@@ -228,6 +228,7 @@ def install_fault(spec: str) -> None:
     hang_at_eval_batch:K,P the same at its K-th evaluation batch (its peers wait in the evaluation's collectives)
     hang_before_rename:D,P the same when orbax is about to rename a finished temporary step into D (e.g.
                            checkpoints/6): a save in flight, never committed
+    hang_after_training:P  the same once the run is over and its checkpoints closed, before the process exits
     enospc_in_save:D       the save of step directory D (relative to the workdir, e.g. checkpoints/5) fails with
                            OSError(ENOSPC) half-way through writing its model record, as on a full disk
   """
@@ -235,7 +236,8 @@ def install_fault(spec: str) -> None:
   faults = {"nan_at_step": _nan_at_step, "oom_at_step": _oom_at_step, "kill_in_delete": _kill_in_delete,
             "kill_before_rename": _kill_before_rename, "slow_start": _slow_start, "enospc_in_save": _enospc_in_save,
             "delete_after_batch": _delete_after_batch, "hang_at_batch": _hang_at_batch,
-            "hang_at_eval_batch": _hang_at_eval_batch, "hang_before_rename": _hang_before_rename}
+            "hang_at_eval_batch": _hang_at_eval_batch, "hang_before_rename": _hang_before_rename,
+            "hang_after_training": _hang_after_training}
   faults[name](arg)
 
 
@@ -372,6 +374,18 @@ def _hang_before_rename(arg: str) -> None:
     return await original(src, dst)
 
   async_path.rename = rename
+
+
+def _hang_after_training(path: str) -> None:
+  from fcnjax import training  # pylint: disable=g-import-not-at-top
+  original = training._close_all  # pylint: disable=protected-access
+
+  def close_all(*closers, quiet=False):
+    original(*closers, quiet=quiet)
+    if not quiet:  # the closing of a run that went to its end
+      _hang(path)
+
+  training._close_all = close_all  # pylint: disable=protected-access
 
 
 def _enospc_in_save(target: str) -> None:

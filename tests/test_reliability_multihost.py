@@ -153,12 +153,15 @@ def _lines_without_gloo(output: str) -> list[str]:
 # A run of 8 steps with a checkpoint every 2 and an evaluation every 4, on 2 processes.
 PHASES_RUN = ("--config.train.num_steps=8", "--config.train.checkpoint_every=2", "--config.train.eval_every=4")
 # Each interrupted run: (the process killed, the process made to hang, where it hangs, the survivor's phase then).
-# Process 1 is the one killed: when process 0, which runs jax.distributed's coordination service, is lost, JAX's
-# client ends the others itself, at once, with its own message (exit status 1).
-PHASES = [(1, 1, "hang_at_batch:3", "a train step"),
-          (1, 0, "hang_before_rename:checkpoints/6", "a checkpoint save in flight"),
-          (1, 1, "hang_at_eval_batch:1", "an evaluation")]
-_PROGRESS = re.compile(r"step \d+: mIoU ")  # process 0's evaluation lines
+# The fourth loses process 0, which runs jax.distributed's coordination service: JAX's client in process 1 logs that
+# and aborts, and fcnjax.parallel turns the abort into the run's line, unless a broken collective says it first.
+PHASES = [(1, 1, "hang_at_batch:3,", "a train step"),
+          (1, 0, "hang_before_rename:checkpoints/6,", "a checkpoint save in flight"),
+          (1, 1, "hang_at_eval_batch:1,", "an evaluation"),
+          (0, 0, "hang_at_batch:1,", "a train step, process 0 lost"),
+          (1, 1, "hang_after_training:", "the shutdown")]
+_PROGRESS = re.compile(r"step \d+: mIoU ")
+_SUMMARY = re.compile(r"^\{\n(?:  .*\n)*\}\n", re.MULTILINE)
 
 
 def _run_killed_in_phase(workdir, tmp_path, victim: int, hanging: int, fault: str, phase: str) -> tuple[str, float]:
@@ -170,10 +173,10 @@ def _run_killed_in_phase(workdir, tmp_path, victim: int, hanging: int, fault: st
   processes = []
   try:
     for i, log in enumerate(logs):
+      env = dict(_host(coordinator, i), FCNJAX_PEER_TIMEOUT_S=str(PEER_TIMEOUT_S))
       with open(log, "w") as out:
         processes.append(h.start_train(workdir, *PHASES_RUN, log=out, num_devices=2,
-                                       inject=f"{fault},{hangs}" if i == hanging else None,
-                                       extra_env=dict(_host(coordinator, i), FCNJAX_PEER_TIMEOUT_S=str(PEER_TIMEOUT_S))))
+                                       inject=f"{fault}{hangs}" if i == hanging else None, extra_env=env))
     h.wait_for(hangs.exists, processes[hanging])
     processes[victim].kill()
     killed = time.monotonic()
@@ -191,11 +194,12 @@ def _run_killed_in_phase(workdir, tmp_path, victim: int, hanging: int, fault: st
 
 def test_a_process_lost_in_each_phase_ends_the_other_and_the_reruns_finish_as_one_run(tmp_path):
   """kill -9 of process 1 while it hangs in a train step, while process 0 has a checkpoint save in flight (it hangs
-  before committing step 6) and while process 1 hangs in an evaluation, each time followed by the same command on
-  both processes. Each time process 0 exits 75 (EXIT_PEER_LOST) with one line naming process 1 and saying how to
-  resume, within the peer timeout (sooner when its collective's connection breaks first, which gloo does not always
-  notice); no unfinished step is taken for a finished one; the run that finally finishes has the parameters of a
-  2-process run that was never interrupted."""
+  before committing step 6) and while process 1 hangs in an evaluation, then of process 0 in a train step, and of
+  process 1 once the run is over, before it exits, each time followed by the same command on both processes. Each
+  time the survivor exits 75 (EXIT_PEER_LOST) with one line naming the lost process and saying how to resume, within
+  the peer timeout (sooner when its collective's connection breaks first, which gloo does not always notice, or when
+  process 0 is lost); no unfinished step is taken for a finished one; the run that finally finishes has the
+  parameters of a 2-process run that was never interrupted."""
   workdir, reference = tmp_path / "interrupted", tmp_path / "uninterrupted"
   timings = {}
   uninterrupted = None
@@ -207,14 +211,20 @@ def test_a_process_lost_in_each_phase_ends_the_other_and_the_reruns_finish_as_on
           coordinator = f"127.0.0.1:{_free_port()}"
           uninterrupted = [h.start_train(reference, *PHASES_RUN, log=reference_log, num_devices=2,
                                          extra_env=_host(coordinator, i)) for i in range(2)]
-        lines = [line for line in _lines_without_gloo(output) if not _PROGRESS.match(line)]
+        # Less what a run prints as it goes: process 0's evaluation lines and, at its end, the summary (JSON).
+        normal = _SUMMARY.sub("", output)
+        lines = [line for line in _lines_without_gloo(normal) if not _PROGRESS.match(line)]
+        if victim == 0 and "Traceback" not in output and "Fatal Python error" not in output:
+          lines = lines[-1:]  # after what JAX's client logs as it loses the service (C++ log lines, its stack)
         assert len(lines) == 1, f"{phase}:\n{output[-3000:]}"
-        assert lines[0].startswith(f"PeerLostError: process {victim} of 2 was lost"), f"{phase}: {lines[0]}"
+        assert re.match(f"PeerLostError: process {victim} of 2(, which runs the coordination service,)? was lost",
+                        lines[0]), f"{phase}: {lines[0]}"
         assert "start every process again with the same command" in lines[0], lines[0]
         assert took < PEER_TIMEOUT_S + 10, (phase, took)
         timings[phase] = took
         checkpoints = h.step_dirs(workdir / "checkpoints")
-        assert all(int(step) < 8 for step in checkpoints["complete"]), (phase, checkpoints)
+        if phase != "the shutdown":
+          assert all(int(step) < 8 for step in checkpoints["complete"]), (phase, checkpoints)
         if "save" in phase:  # step 6 was written but not committed: it must not count as finished
           assert checkpoints["complete"][-1] == "4" and any(n.startswith("6.") for n in checkpoints["partial"])
       print("survivor exited after the kill:", {phase: f"{took:.1f} s" for phase, took in timings.items()})

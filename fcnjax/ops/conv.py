@@ -42,7 +42,7 @@ from jax import lax
 from fcnjax.ops import depthwise, native, portable, windows
 
 Array = jax.Array
-NHWC_HWIO = ("NHWC", "HWIO", "NHWC")  # dimension numbers: input, kernel, output
+NHWC_HWIO = windows.NHWC_HWIO
 # Rows of patches per GEMM: (strip rows x output width x batch) ~ STRIP_PATCH_BYTES / (bytes of one patch row),
 # within [MIN, MAX]_STRIP_GEMM_ROWS. A 3x3, 64-channel strip is then ~1800 rows (4 MiB); a 512-channel one 512 rows.
 # Against a fixed 4096 rows this is 1.1-1.4x faster from 112x112x128 to 28x28x512; below ~512 rows 14x14x1024

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcnjax.ops.windows import PairLike, pair
+from fcnjax.ops.windows import NHWC_HWIO, PairLike, pair
 
 Array = jax.Array
 
@@ -50,7 +50,7 @@ def conv_transpose(x: Array, kernel: Array, *, stride: PairLike = 1, padding: Pa
     crops.append((max(-lo, 0), max(-hi, 0)))
   y = jax.lax.conv_general_dilated(
       x, rhs.astype(x.dtype), window_strides=(1, 1), padding=pads, lhs_dilation=stride, rhs_dilation=dilation,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups, precision=precision)
+      dimension_numbers=NHWC_HWIO, feature_group_count=groups, precision=precision)
   if any(c for pair in crops for c in pair):
     (t, b), (l, r) = crops
     y = y[:, t:y.shape[1] - b, l:y.shape[2] - r, :]

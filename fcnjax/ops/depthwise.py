@@ -26,7 +26,6 @@ from jax import lax
 from fcnjax.ops import windows
 
 Array = jax.Array
-NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
 
 
 def is_depthwise(lhs_shape: Sequence[int], rhs_shape: Sequence[int], feature_group_count: int) -> bool:
@@ -73,7 +72,7 @@ def depthwise_grads_by_taps(x: Array, kernel: Array, dy: Array, strides, pads, d
 
 
 def _lax_depthwise(x, kernel, strides, pads, dilation, precision):
-  return lax.conv_general_dilated(x, kernel, strides, pads, rhs_dilation=dilation, dimension_numbers=NHWC_HWIO,
+  return lax.conv_general_dilated(x, kernel, strides, pads, rhs_dilation=dilation, dimension_numbers=windows.NHWC_HWIO,
                                   feature_group_count=x.shape[3], precision=precision)
 
 

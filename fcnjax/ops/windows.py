@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+NHWC_HWIO = ("NHWC", "HWIO", "NHWC")  # lax dimension numbers of fcnjax's convolutions: input, kernel, output
+
 Array = jax.Array
 PairLike = int | Sequence[int]
 
