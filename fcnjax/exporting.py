@@ -4,12 +4,13 @@
   exporting.save_stablehlo(seg, "fcn8s.stablehlo", height=512, width=512)
   exporting.save_onnx(seg, "fcn8s.onnx", height=512, width=512)
 
-The exported graph maps a batch of images (N, H, W, 3) to the model's logits (N, H, W, C), float32, with the
-weights inside the file. N is symbolic ("N" in ONNX); H and W are the sizes given: the models crop and resize by
-sizes known when tracing. The graph is traced with `fcnjax.ops.portable_forms()`, so it holds lax's own
-convolutions and none of fcnjax's C++ CPU kernels (a speed-up of this library, not part of a model). With
-`preprocessing=True` it takes uint8 images and normalises them inside (the run's mean and std); without, it takes
-float32 images normalised as `fcnjax.data.normalize` does: (image - 255 mean) / (255 std).
+The exported graph maps a batch of images (N, H, W, 3) (N, H, W, in_channels for a model that has them) to the
+model's logits (N, H, W, K), float32, with the weights inside the file. N is symbolic ("N" in ONNX); H and W are the
+sizes given: the models crop and resize by sizes known when tracing. The graph is traced with
+`fcnjax.ops.portable_forms()`, so it holds lax's own convolutions and none of fcnjax's C++ CPU kernels (a speed-up
+of this library, not part of a model). With `preprocessing=True` it takes uint8 images and normalises them inside
+(the segmenter's mean and std); without, it takes float32 images normalised as `fcnjax.data.normalize` does:
+(image - 255 mean) / (255 std).
 """
 from __future__ import annotations
 
@@ -52,8 +53,8 @@ def require(format_name: str) -> None:
 def logits_fn(segmenter, preprocessing: bool = False) -> Callable[[jax.Array], jax.Array]:
   """images -> float32 logits 'out' of the segmenter's model in eval mode, its weights closed over."""
   model, variables = segmenter.model, segmenter.variables
-  scale = 1.0 / (np.asarray(segmenter.data_config.std, np.float32) * 255.0)
-  mean = np.asarray(segmenter.data_config.mean, np.float32) * 255.0
+  scale = 1.0 / (np.asarray(segmenter.std, np.float32) * 255.0)
+  mean = np.asarray(segmenter.mean, np.float32) * 255.0
 
   def fn(images):
     if preprocessing:  # the same arithmetic as fcnjax.data.normalize_with
@@ -70,15 +71,15 @@ def input_dtype(preprocessing: bool):
 def describe(segmenter, model_name: str, height: int, width: int, preprocessing: bool = False) -> dict:
   """What an exported graph takes and gives, for the JSON written beside it; ExportError for a size the model cannot
   take (check_size)."""
-  config = segmenter.data_config
   num_classes = check_size(segmenter, height, width)[-1]
   return {
       "model": model_name,
-      "input": {"name": ONNX_INPUT, "shape": ["N", height, width, 3], "layout": "NHWC",
+      "input": {"name": ONNX_INPUT, "shape": ["N", height, width, segmenter.channels], "layout": "NHWC",
                 "dtype": np.dtype(input_dtype(preprocessing)).name,
                 "normalisation": ("inside the graph" if preprocessing else
-                                  "(uint8 image - 255 * mean) / (255 * std), RGB")},
-      "mean": list(config.mean), "std": list(config.std),
+                                  "(uint8 image - 255 * mean) / (255 * std)"
+                                  + (", RGB" if segmenter.channels == 3 else ", per channel"))},
+      "mean": list(segmenter.mean), "std": list(segmenter.std),
       "output": {"name": ONNX_OUTPUT, "shape": ["N", height, width, int(num_classes)], "layout": "NHWC",
                  "dtype": "float32", "meaning": "logits; class ids = argmax over the last axis"
                  + (" (one logit: sigmoid > 0.5 is the foreground)" if num_classes == 1 else "")},
@@ -104,7 +105,7 @@ def check_size(segmenter, height: int, width: int) -> tuple[int, ...]:
 def output_shape(segmenter, height: int, width: int) -> tuple[int, ...]:
   """The logits' shape for one (height, width) image, traced without computing."""
   with portable_forms():
-    images = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
+    images = jax.ShapeDtypeStruct((1, height, width, segmenter.channels), jnp.float32)
     return tuple(jax.eval_shape(logits_fn(segmenter), images).shape)
 
 
@@ -113,7 +114,7 @@ def export_stablehlo(segmenter, height: int, width: int, preprocessing: bool = F
   """The model lowered by jax.export for `platforms`, batch size symbolic."""
   check_size(segmenter, height, width)
   batch, = jax.export.symbolic_shape("N")
-  images = jax.ShapeDtypeStruct((batch, height, width, 3), input_dtype(preprocessing))
+  images = jax.ShapeDtypeStruct((batch, height, width, segmenter.channels), input_dtype(preprocessing))
   with portable_forms():
     return jax.export.export(jax.jit(logits_fn(segmenter, preprocessing)), platforms=platforms)(images)
 
@@ -142,7 +143,7 @@ def save_onnx(segmenter, path: str, height: int, width: int, preprocessing: bool
   check_size(segmenter, height, width)
   import jax2onnx
 
-  images = jax.ShapeDtypeStruct(("N", height, width, 3), input_dtype(preprocessing))
+  images = jax.ShapeDtypeStruct(("N", height, width, segmenter.channels), input_dtype(preprocessing))
   with portable_forms():
     proto = jax2onnx.to_onnx(logits_fn(segmenter, preprocessing), [images], model_name="fcnjax", opset=opset,
                              input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT])
@@ -182,13 +183,13 @@ def relative_difference(actual: np.ndarray, expected: np.ndarray) -> float:
   return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
 
 
-def example_images(height: int, width: int, batch: int = 2, preprocessing: bool = False,
-                   seed: int = 0) -> np.ndarray:
+def example_images(height: int, width: int, batch: int = 2, preprocessing: bool = False, seed: int = 0,
+                   channels: int = 3) -> np.ndarray:
   """Random images of the exported graph's input type: uint8, or float32 normalised-looking values."""
   rng = np.random.default_rng(seed)
   if preprocessing:
-    return rng.integers(0, 256, (batch, height, width, 3), dtype=np.uint8)
-  return rng.standard_normal((batch, height, width, 3), dtype=np.float32)
+    return rng.integers(0, 256, (batch, height, width, channels), dtype=np.uint8)
+  return rng.standard_normal((batch, height, width, channels), dtype=np.float32)
 
 
 def reference_logits(segmenter, images: np.ndarray, preprocessing: bool = False) -> np.ndarray:
@@ -200,7 +201,7 @@ def verify(format_name: str, path: str, segmenter, height: int, width: int, prep
            batch: int = 2) -> float:
   """Runs the file at `path` in its runtime (deserialized jax.export, or ONNX Runtime) on random images of batch
   `batch` and returns its relative difference from fcnjax's logits."""
-  images = example_images(height, width, batch, preprocessing)
+  images = example_images(height, width, batch, preprocessing, channels=segmenter.channels)
   expected = reference_logits(segmenter, images, preprocessing)
   if format_name == "stablehlo":
     actual = load_stablehlo(path).call(images)

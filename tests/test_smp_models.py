@@ -183,3 +183,56 @@ def test_deeplabv3plus_trains_on_two_images_and_refuses_one():
   assert out["out"].shape == (2, 64, 96, 1)
   with pytest.raises(ValueError, match="training batch of at least 2 images"):
     jax.eval_shape(train, variables, jnp.zeros((1, 64, 96, 3)))
+
+
+def _grey_image(height: int, width: int) -> np.ndarray:
+  return np.random.default_rng(3).integers(0, 256, (height, width), dtype=np.uint8)
+
+
+def _smp_logits(reference: torch.nn.Module, image: np.ndarray, mean: float, std: float) -> np.ndarray:
+  x = torch.from_numpy((image.astype(np.float32) / 255 - mean) / std)[None, None]
+  with torch.no_grad():
+    return reference(x)[0].numpy().transpose(1, 2, 0)
+
+
+def assert_parity(logits: np.ndarray, expected: np.ndarray) -> None:
+  diff, scale = float(np.abs(np.asarray(logits) - expected).max()), float(np.abs(expected).max())
+  assert scale > 0 and diff <= RTOL * scale, f"max|diff| {diff:.3g} > {RTOL} * max|smp| {scale:.3g}"
+
+
+def test_segmenter_reads_in_channels_and_classes_from_converted_smp_weights(tmp_path):
+  """A grey smp Unet's converted weights: Segmenter.from_weights builds a 1-channel, 2-class model from them, takes
+  grey arrays and grey files, and gives smp's logits on the image normalised with GREY_MEAN / GREY_STD."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from fcnjax import pretrained, segmenter  # pylint: disable=g-import-not-at-top
+  reference = torch_model("smp_unet", "resnet18", 1, 2)
+  path = pretrained.save_variables(tmp_path / "grey_unet", get_converter("smp_unet")(reference.state_dict()))
+  seg = segmenter.Segmenter.from_weights(path, "smp_unet", model_options={"encoder": "resnet18"})
+  assert (seg.channels, seg.model.num_classes) == (1, 2)
+  assert (seg.mean, seg.std) == ((segmenter.GREY_MEAN,), (segmenter.GREY_STD,))
+  image = _grey_image(*SIZE)
+  logits = seg.logits(image[..., None])
+  assert_parity(logits, _smp_logits(reference, image, segmenter.GREY_MEAN, segmenter.GREY_STD))
+  probabilities = seg.predict(image, probabilities=True)
+  np.testing.assert_allclose(probabilities, jax.nn.softmax(logits, -1), atol=1e-6)
+  Image.fromarray(image).save(tmp_path / "grey.png")
+  np.testing.assert_array_equal(seg.predict(str(tmp_path / "grey.png")), np.argmax(logits, -1))
+  with pytest.raises(ValueError, match=r"expected an \(H, W, 1\) uint8 image"):
+    seg.predict(np.zeros((*SIZE, 3), np.uint8))
+  with pytest.raises(ValueError, match="need 1 values each"):
+    segmenter.Segmenter.from_weights(path, "smp_unet", model_options={"encoder": "resnet18"}, mean=(0.5, 0.5))
+
+
+@pytest.mark.slow
+def test_exported_grey_smp_unet_takes_one_channel(tmp_path):
+  """StableHLO export of a 1-channel smp Unet with the normalisation inside: (N, H, W, 1) uint8 images in, smp's
+  logits out."""
+  from fcnjax import exporting, pretrained, segmenter  # pylint: disable=g-import-not-at-top
+  reference = torch_model("smp_unet", "resnet18", 1, 2)
+  path = pretrained.save_variables(tmp_path / "grey_unet", get_converter("smp_unet")(reference.state_dict()))
+  seg = segmenter.Segmenter.from_weights(path, "smp_unet", model_options={"encoder": "resnet18"}, mean=0.3, std=0.2)
+  exported = exporting.export_stablehlo(seg, *SIZE, preprocessing=True)
+  assert exported.in_avals[0].shape[1:] == (*SIZE, 1)
+  image = _grey_image(*SIZE)
+  assert_parity(np.asarray(exported.call(image[None, ..., None]))[0], _smp_logits(reference, image, 0.3, 0.2))
+  assert exporting.describe(seg, "smp_unet", *SIZE)["input"]["shape"] == ["N", *SIZE, 1]
