@@ -87,3 +87,13 @@ def record_parity(what: str, max_abs_diff: float, scale: float) -> None:
   if path:
     with open(path, "a") as f:
       f.write(json.dumps({"what": what, "max_abs_diff": float(max_abs_diff), "scale": float(scale)}) + "\n")
+
+
+@pytest.fixture
+def native_kernels():
+  """The native kernels, built: the test fails when a compiler is there and the build fails, and skips (saying so)
+  only on a machine without any C++ compiler, where fcnjax runs XLA's forms."""
+  from fcnjax.ops import native  # pylint: disable=g-import-not-at-top
+  if native._compiler() is None:  # pylint: disable=protected-access
+    pytest.skip("no C++ compiler ($CXX, c++, g++): fcnjax uses XLA's convolutions here")
+  assert native.available(), "the native kernels did not build (see the warning)"

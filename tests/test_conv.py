@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+import test_depthwise
 from conftest import REPO_ROOT, subprocess_env
 from fcnjax.ops import conv, native
 
@@ -192,15 +193,6 @@ def expected_native_forms(cin, cout, k):
           "input_grad": "xla" if cin % 16 else "winograd" if winograd(cout) else "native"}
 
 
-@pytest.fixture
-def native_kernels():
-  """The native kernels, built: the test fails when a compiler is there and the build fails, and skips (saying so)
-  only on a machine without any C++ compiler, where fcnjax runs XLA's forms."""
-  if native._compiler() is None:  # pylint: disable=protected-access
-    pytest.skip("no C++ compiler ($CXX, c++, g++): fcnjax uses XLA's convolutions here")
-  assert native.available(), "the native kernels did not build (see the warning)"
-
-
 @pytest.mark.parametrize("case", NATIVE_CASES,
                          ids=lambda c: "n{}_{}x{}_{}to{}_k{}".format(*c[:6]) + f"_p{c[6]}_d{c[7]}")
 @pytest.mark.usefixtures("native_kernels")
@@ -342,6 +334,16 @@ SHARDED_SCRIPT = textwrap.dedent("""
     rel = lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
     print("REL", rel(value, ref_value), rel(dx, ref_dx), rel(dk, ref_dk))
     assert max(rel(value, ref_value), rel(dx, ref_dx), rel(dk, ref_dk)) < 1e-5
+
+    # A depthwise layer's weight gradient: each device sums its own image, then the sums are all-reduced.
+    depthwise = jax.device_put(jnp.asarray(rng.standard_normal((3, 3, 1, 16)), jnp.float32), NamedSharding(mesh, P()))
+    grouped = lambda conv_fn: lambda x, k, *args, **kw: conv_fn(x, k, *args, **kw, feature_group_count=16)
+    ours = jax.jit(jax.grad(lambda k, x: loss(grouped(conv.conv_general_dilated), x, k)))
+    hlo = ours.lower(depthwise, x).compile().as_text()
+    calls = [l for l in hlo.splitlines() if 'custom_call_target="fcnjax_depthwise_weight_grad"' in l]
+    assert len(calls) == 1 and "f32[1," in calls[0] and "all-gather" not in hlo, calls
+    reference = jax.grad(lambda k, x: loss(grouped(jax.lax.conv_general_dilated), x, k))(depthwise, x)
+    assert rel(ours(depthwise, x), reference) < 1e-5, rel(ours(depthwise, x), reference)
     """)
 
 
@@ -360,15 +362,16 @@ def test_native_kernels_keep_a_sharded_batch_on_its_devices():
 @pytest.mark.usefixtures("native_kernels")
 def test_native_kernels_with_the_other_targets_blocks(tmp_path):
   """The register blocks of the vector width this machine does not have (AVX-512's 16-float vectors on an AVX2
-  machine, AVX2's on an AVX-512 one; GCC's generic vectors run either anywhere): the torch parity cases again,
-  in a build of their own."""
+  machine, AVX2's on an AVX-512 one; GCC's generic vectors run either anywhere): the torch parity cases of the
+  convolutions and of the depthwise layers again, in a build of their own."""
   lanes = 8 if native.vector_lanes() == 16 else 16
   env = subprocess_env(1, FCNJAX_NATIVE_LANES=str(lanes), FCNJAX_CACHE_DIR=str(tmp_path))
   result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_conv.py",
-                           "-k", "test_native_kernels_match_torch"], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=REPO_ROOT)
+                           "tests/test_depthwise.py", "-k",
+                           "test_native_kernels_match_torch or test_depthwise_and_its_gradients_match_torch"],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-  assert f"{len(NATIVE_CASES)} passed" in result.stdout
+  assert f"{len(NATIVE_CASES) + len(test_depthwise.CASES)} passed" in result.stdout
   assert list(tmp_path.glob("native_conv-*.so")), "the other build was not made"
 
 

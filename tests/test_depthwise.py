@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fcnjax.ops import Conv, conv, depthwise, portable_forms, windows
+from fcnjax.ops import Conv, conv, depthwise, native, portable_forms, windows
 
 # (batch, height, width, channels, kernel, stride, padding, dilation)
 CASES = [
@@ -18,6 +18,8 @@ CASES = [
     (2, 9, 10, 16, 5, 1, ((4, 4), (4, 4)), 2),    # the dilated last stage of the segmentation trunk
     (1, 7, 9, 8, 3, 1, ((12, 12), (12, 12)), 12),  # smp's separable ASPP: every tap but the centre in the padding
     (2, 12, 12, 4, 3, 1, ((0, 2), (1, 0)), 1),    # uneven padding
+    (2, 11, 10, 72, 5, 2, ((2, 2), (2, 2)), 1),   # whole register blocks of channels, then a part-vector tail
+    (1, 9, 8, 136, 3, 1, ((2, 1), (1, 2)), 2),    # uneven padding, dilated, more channels than one block
 ]
 
 
@@ -69,6 +71,42 @@ def test_depthwise_and_its_gradients_match_torch(case):
   y, dx, dk = _forward_and_grads(stride, padding, dilation)(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(dy))
   for name, ours, ref in (("y", y, y_ref), ("dx", dx, dx_ref), ("dk", dk, dk_ref)):
     np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-5 * _scale(ref), err_msg=name)
+
+
+@pytest.mark.usefixtures("native_kernels")
+def test_float32_weight_gradient_is_the_native_kernels_and_by_taps_without_them():
+  """In float32 the weight gradient is fcnjax's C++ kernel (one call, no column reduction); with the kernels turned
+  off it is the sum by taps; both give torch's values."""
+  case = CASES[-1]
+  _, _, _, _, _, stride, padding, dilation = case
+  x, kernel, dy = _case_data(case, seed=1)
+  dk_ref = _torch_depthwise(x, kernel, stride, padding, dilation, dy)[2]
+  for enabled, calls in ((True, 1), (False, 0)):
+    with native.kernels_enabled(enabled):
+      run = _forward_and_grads(stride, padding, dilation)
+      hlo = run.lower(x, kernel, dy).compile().as_text()
+      dk = run(x, kernel, dy)[2]
+    assert hlo.count('custom_call_target="fcnjax_depthwise_weight_grad"') == calls, enabled
+    np.testing.assert_allclose(np.asarray(dk), dk_ref, atol=1e-5 * _scale(dk_ref), err_msg=f"enabled={enabled}")
+
+
+@pytest.mark.usefixtures("native_kernels")
+def test_per_example_weight_gradients_under_vmap():
+  """jax.vmap of the gradient: one kernel call per example, each example's own sum (lax's values)."""
+  case = CASES[1]
+  _, _, _, c, k, stride, padding, dilation = case
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((3, 1, 15, 16, c)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((k, k, 1, c)), jnp.float32)
+
+  def loss(conv_fn):
+    return lambda kernel, x: jnp.sum(jnp.sin(conv_fn(x, kernel, (stride, stride), padding,
+                                                     rhs_dilation=(dilation, dilation),
+                                                     dimension_numbers=conv.NHWC_HWIO, feature_group_count=c)))
+
+  ours = jax.jit(jax.vmap(jax.grad(loss(conv.conv_general_dilated)), in_axes=(None, 0)))(kernel, x)
+  reference = jax.vmap(jax.grad(loss(jax.lax.conv_general_dilated)), in_axes=(None, 0))(kernel, x)
+  np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), atol=1e-5 * _scale(reference))
 
 
 def test_bfloat16_inputs_are_summed_in_float32():

@@ -5,7 +5,9 @@ Each tap (i, j) of a k x k window reads a strided slice of the padded input (fcn
 the sum over taps of that slice times the tap's per-channel weights. Channels are the last, contiguous axis, so
 every term is an element-wise multiply-add that XLA fuses into one vectorised loop. Its gradients are written the
 same way: the input gradient puts dy times each tap's weights back where the tap read (windows.fold), the weight
-gradient of a tap is its slice times dy summed over batch and positions.
+gradient of a tap is its slice times dy summed over batch and positions. That sum is a column reduction that
+XLA:CPU runs 2-19x slower than PyTorch, so in float32, where fcnjax's C++ kernels are built, the weight gradient is
+theirs (fcnjax.ops.native.depthwise_weight_grad).
 
 Why: XLA:CPU lowers a grouped convolution with as many groups as channels to a generic loop that runs these layers
 at a small fraction of PyTorch's speed, and its gradients slower still (benchmarks/depthwise_layers.py prints each
@@ -23,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fcnjax.ops import windows
+from fcnjax.ops import native, windows
 
 Array = jax.Array
 
@@ -58,17 +60,32 @@ def depthwise_by_taps(x: Array, kernel: Array, strides, pads, dilation) -> Array
   return total.astype(x.dtype)
 
 
-def depthwise_grads_by_taps(x: Array, kernel: Array, dy: Array, strides, pads, dilation) -> tuple[Array, Array]:
-  """(d/dx, d/dkernel) of depthwise_by_taps for the output gradient dy."""
+def input_grad_by_taps(x: Array, kernel: Array, dy: Array, strides, pads, dilation) -> Array:
+  """d/dx of depthwise_by_taps for the output gradient dy."""
   window = kernel.shape[:2]
   accumulate = _accumulation_dtype(x.dtype)
   weights = _tap_weights(kernel, accumulate)
   dy_wide = dy.astype(accumulate)
   dx = windows.fold([dy_wide * weights[tap] for tap in range(weights.shape[0])], window, x.shape[1:3], strides,
                     pads, dilation)
-  tap_values = windows.taps(windows.pad_hw(x, pads), window, dy.shape[1:3], strides, dilation)
+  return dx.astype(x.dtype)
+
+
+def weight_grad_by_taps(x: Array, kernel: Array, dy: Array, strides, pads, dilation) -> Array:
+  """d/dkernel of depthwise_by_taps for the output gradient dy."""
+  accumulate = _accumulation_dtype(x.dtype)
+  dy_wide = dy.astype(accumulate)
+  tap_values = windows.taps(windows.pad_hw(x, pads), kernel.shape[:2], dy.shape[1:3], strides, dilation)
   dk = jnp.stack([jnp.sum(values.astype(accumulate) * dy_wide, axis=(0, 1, 2)) for values in tap_values])
-  return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
+  return dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+def weight_grad_on_cpu(x: Array, kernel: Array, dy: Array, strides, pads, dilation) -> Array:
+  """d/dkernel by fcnjax's C++ kernel where it takes the operands (float32, kernels built and enabled when
+  traced), else by taps."""
+  if x.dtype == dy.dtype == kernel.dtype == jnp.float32 and native.available():
+    return native.depthwise_weight_grad(x, dy, kernel.shape, strides, pads, dilation)
+  return weight_grad_by_taps(x, kernel, dy, strides, pads, dilation)
 
 
 def _lax_depthwise(x, kernel, strides, pads, dilation, precision):
@@ -95,9 +112,11 @@ def _depthwise_bwd(strides, pads, dilation, precision, residuals, dy):
   def lax_grads(x, kernel, dy):
     return jax.vjp(lambda x, k: _lax_depthwise(x, k, strides, pads, dilation, precision), x, kernel)[1](dy)
 
-  return lax.platform_dependent(
-      x, kernel, dy, cpu=lambda x, k, dy: depthwise_grads_by_taps(x, k, dy, strides, pads, dilation),
-      default=lax_grads)
+  def cpu_grads(x, kernel, dy):
+    return (input_grad_by_taps(x, kernel, dy, strides, pads, dilation),
+            weight_grad_on_cpu(x, kernel, dy, strides, pads, dilation))
+
+  return lax.platform_dependent(x, kernel, dy, cpu=cpu_grads, default=lax_grads)
 
 
 depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)

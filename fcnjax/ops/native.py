@@ -15,7 +15,9 @@ register blocks of 8-float (AVX2) or 16-float (AVX-512) vectors whatever the mac
 the other target's blocks this way).
 
 The calls (`conv_forward`, `conv_weight_grad`) are stride-1 NHWC/HWIO float32 convolutions whose output channels
-are a multiple of 16; fcnjax.ops.conv decides which convolutions meet that and are worth it.
+are a multiple of 16; fcnjax.ops.conv decides which convolutions meet that and are worth it. `depthwise_weight_grad`
+is the weight gradient of a float32 depthwise convolution (any channels, strides, padding and dilation), which
+fcnjax.ops.depthwise uses.
 """
 from __future__ import annotations
 
@@ -71,7 +73,8 @@ WINOGRAD_LOCAL_CHUNK_BYTES = 256 << 10
 WINOGRAD_MIN_IN_CHANNELS = 32
 CHANNEL_MULTIPLE = 16  # output channels come in 16-float vectors
 # XLA custom-call target -> the library's FFI handler.
-_FFI_HANDLERS = {"fcnjax_conv_forward": "ConvForward", "fcnjax_conv_weight_grad": "ConvWeightGrad"}
+_FFI_HANDLERS = {"fcnjax_conv_forward": "ConvForward", "fcnjax_conv_weight_grad": "ConvWeightGrad",
+                 "fcnjax_depthwise_weight_grad": "DepthwiseWeightGrad"}
 
 
 def _compiler_flags() -> tuple[str, ...]:
@@ -267,6 +270,14 @@ def _weight_grad_call(x, dy, kernel_shape, pads, dilation):
               dil_w=np.int64(dilation[1]), block_bytes=np.int64(WEIGHT_GRAD_BLOCK_BYTES))
 
 
+def _depthwise_weight_grad_call(x, dy, kernel_shape, strides, pads, dilation):
+  _require_loaded()
+  (top, _), (left, _) = pads
+  call = jax.ffi.ffi_call("fcnjax_depthwise_weight_grad", jax.ShapeDtypeStruct(tuple(kernel_shape), x.dtype))
+  return call(x, dy, pad_top=np.int64(top), pad_left=np.int64(left), dil_h=np.int64(dilation[0]),
+              dil_w=np.int64(dilation[1]), stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]))
+
+
 # Data parallelism: XLA does not know how to split a custom call, and would gather the whole batch onto every
 # device and compute it there. These rules keep each device on its own images: the batch axis stays sharded as it
 # comes, every other axis replicated; the weight gradient's per-device sums are then all-reduced (psum).
@@ -291,26 +302,35 @@ _partitioned_forward.def_partition(_forward_partition, sharding_rule="n h w c, i
                            need_replication_factors=("h", "w", "c", "i", "j", "o", "p", "q"))
 
 
-@functools.partial(custom_partitioning, static_argnums=(2, 3, 4))
-def _partitioned_weight_grad(x, dy, kernel_shape, pads, dilation):
-  return _weight_grad_call(x, dy, kernel_shape, pads, dilation)
+def _partitioned_by_batch_sum(call, sharding_rule: str):
+  """call(x, dy, params) for a weight gradient (a sum over the batch): each device sums its own images, then the
+  sums are all-reduced. `params` (static) are the call's remaining arguments."""
+
+  @functools.partial(custom_partitioning, static_argnums=(2,))
+  def partitioned(x, dy, params):
+    return call(x, dy, *params)
+
+  def partition(params, mesh, arg_shapes, result_shape):
+    del result_shape
+    batch = _batch_axes(arg_shapes[0].sharding)
+    by_batch = NamedSharding(mesh, PartitionSpec(batch))
+
+    def per_device(x, dy):
+      grad = call(x, dy, *params)
+      return grad if batch is None else jax.lax.psum(grad, batch)
+
+    return mesh, per_device, NamedSharding(mesh, PartitionSpec()), (by_batch, by_batch)
+
+  # Every factor but the batch's, in the order the rule names them (the order Shardy requires).
+  factors = [f for f in dict.fromkeys(sharding_rule.replace(",", " ").replace("->", " ").split()) if f != "n"]
+  partitioned.def_partition(partition, sharding_rule=sharding_rule, reduction_factors=("n",),
+                            need_replication_factors=tuple(factors))
+  return partitioned
 
 
-def _weight_grad_partition(kernel_shape, pads, dilation, mesh, arg_shapes, result_shape):
-  del result_shape
-  batch = _batch_axes(arg_shapes[0].sharding)
-  by_batch = NamedSharding(mesh, PartitionSpec(batch))
-
-  def per_device(x, dy):
-    grad = _weight_grad_call(x, dy, kernel_shape, pads, dilation)
-    return grad if batch is None else jax.lax.psum(grad, batch)
-
-  return mesh, per_device, NamedSharding(mesh, PartitionSpec()), (by_batch, by_batch)
-
-
-_partitioned_weight_grad.def_partition(_weight_grad_partition, sharding_rule="n h w c, n p q o -> i j c o",
-                               reduction_factors=("n",),
-                               need_replication_factors=("h", "w", "c", "p", "q", "o", "i", "j"))
+_partitioned_weight_grad = _partitioned_by_batch_sum(_weight_grad_call, "n h w c, n p q o -> i j c o")
+_partitioned_depthwise_weight_grad = _partitioned_by_batch_sum(_depthwise_weight_grad_call,
+                                                               "n h w c, n p q c -> i j k c")
 
 
 # jax.vmap: neither a custom call nor custom_partitioning has a batching rule. A vmapped axis of the images alone is
@@ -341,8 +361,15 @@ def _vmappable_forward(pads, dilation, flip, by_winograd):
 @functools.cache
 def _vmappable_weight_grad(kernel_shape, pads, dilation):
   # Under vmap the weight gradient is per example: folding the examples into one batch would sum them.
-  return _with_vmap_rule(lambda x, dy: _partitioned_weight_grad(x, dy, kernel_shape, pads, dilation),
+  return _with_vmap_rule(lambda x, dy: _partitioned_weight_grad(x, dy, (kernel_shape, pads, dilation)),
                          fold_images=False)
+
+
+@functools.cache
+def _vmappable_depthwise_weight_grad(kernel_shape, strides, pads, dilation):
+  return _with_vmap_rule(
+      lambda x, dy: _partitioned_depthwise_weight_grad(x, dy, (kernel_shape, strides, pads, dilation)),
+      fold_images=False)
 
 
 def conv_forward(x: jax.Array, kernel: jax.Array, pads, dilation, flip: bool = False,
@@ -357,3 +384,10 @@ def conv_forward(x: jax.Array, kernel: jax.Array, pads, dilation, flip: bool = F
 def conv_weight_grad(x: jax.Array, dy: jax.Array, kernel_shape, pads, dilation) -> jax.Array:
   """d(loss)/d(kernel) of conv_forward(x, kernel, pads, dilation), given dy = d(loss)/d(output)."""
   return _vmappable_weight_grad(tuple(kernel_shape), tuple(map(tuple, pads)), tuple(dilation))(x, dy)
+
+
+def depthwise_weight_grad(x: jax.Array, dy: jax.Array, kernel_shape, strides, pads, dilation) -> jax.Array:
+  """d(loss)/d(kernel) of the depthwise convolution of x (n, h, w, c) with a kernel of kernel_shape (kh, kw, 1, c)
+  at `strides`, pads ((top, bottom), (left, right)) and `dilation`, given dy = d(loss)/d(output); float32."""
+  return _vmappable_depthwise_weight_grad(tuple(kernel_shape), tuple(strides), tuple(map(tuple, pads)),
+                                          tuple(dilation))(x, dy)

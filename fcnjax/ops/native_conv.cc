@@ -6,6 +6,8 @@
 //   kernel turned by 180 degrees and its channel axes swapped (pack_kernel). With winograd_chunk_bytes > 0, a 3x3
 //   kernel's convolution by Winograd's F(2x2, 3x3) instead (winograd_forward): 2.25x fewer multiply-adds.
 // - ConvWeightGrad: d(kernel) = sum over output pixels of x(tap) outer dy.
+// - DepthwiseWeightGrad: the same for a depthwise convolution (one channel per group, any stride), whose d(kernel)
+//   XLA:CPU computes as a column reduction per tap, 2-19x slower than PyTorch (docs/performance.md).
 // Both keep a block of results in vector registers and stream the other operands past it, the way oneDNN's direct
 // kernels do; XLA:CPU's own convolution runs these layers at 60-90% of PyTorch's speed (docs/performance.md). The
 // vector type is GCC's generic one, so the file builds for any x86/ARM target; -march=native picks the units. The
@@ -604,6 +606,92 @@ void weight_grad(ffi::ThreadPool& pool, const Geometry& g, const float* x_nhwc, 
   }
 }
 
+// One depthwise convolution: x (n, h, w, c), kernel (kh, kw, 1, c), output (n, oh, ow, c); output pixel (oy, ox)
+// reads input (oy * stride_h - pad_top + i * dil_h, ox * stride_w - pad_left + j * dil_w) for tap (i, j).
+struct DepthwiseGeometry {
+  int64_t n, h, w, c, kh, kw, oh, ow, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w;
+};
+
+// acc[(i, j), c0 .. c0 + V * kLanes) += sum over the output pixels of row `row` of x(tap (i, j)) * dy: for each tap
+// row i, kw passes over the row's pixels, V vectors of accumulators in registers. Taps that read padding add nothing
+// and are skipped (the columns a tap reads inside the row are [lo, hi)).
+template <int V>
+void depthwise_weight_grad_block(const DepthwiseGeometry& g, const float* x, const float* dy, float* acc,
+                                 int64_t row, int64_t c0) {
+  int64_t b = row / g.oh, oy = row % g.oh;
+  const float* dy_row = dy + row * g.ow * g.c + c0;
+  for (int64_t i = 0; i < g.kh; ++i) {
+    int64_t iy = oy * g.stride_h - g.pad_top + i * g.dil_h;
+    if (iy < 0 || iy >= g.h) continue;
+    const float* x_row = x + (b * g.h + iy) * g.w * g.c + c0;
+    for (int64_t j = 0; j < g.kw; ++j) {
+      int64_t offset = j * g.dil_w - g.pad_left;  // input column of output column 0
+      if (offset >= g.w) continue;
+      int64_t lo = offset >= 0 ? 0 : (g.stride_w - 1 - offset) / g.stride_w;
+      int64_t hi = std::min(g.ow, (g.w - 1 - offset) / g.stride_w + 1);
+      float* a = acc + (i * g.kw + j) * g.c + c0;
+      vec sum[V];
+      for (int v = 0; v < V; ++v) sum[v] = load(a + v * kLanes);
+      for (int64_t ox = lo; ox < hi; ++ox) {
+        const float* xp = x_row + (ox * g.stride_w + offset) * g.c;
+        const float* dp = dy_row + ox * g.c;
+        for (int v = 0; v < V; ++v) sum[v] += load(xp + v * kLanes) * load(dp + v * kLanes);
+      }
+      for (int v = 0; v < V; ++v) store(a + v * kLanes, sum[v]);
+    }
+  }
+}
+
+// The same for channels [c0, c1), fewer than a vector, one at a time.
+void depthwise_weight_grad_tail(const DepthwiseGeometry& g, const float* x, const float* dy, float* acc, int64_t row,
+                                int64_t c0, int64_t c1) {
+  int64_t b = row / g.oh, oy = row % g.oh;
+  for (int64_t i = 0; i < g.kh; ++i) {
+    int64_t iy = oy * g.stride_h - g.pad_top + i * g.dil_h;
+    if (iy < 0 || iy >= g.h) continue;
+    for (int64_t j = 0; j < g.kw; ++j)
+      for (int64_t ox = 0; ox < g.ow; ++ox) {
+        int64_t ix = ox * g.stride_w - g.pad_left + j * g.dil_w;
+        if (ix < 0 || ix >= g.w) continue;
+        const float* xp = x + ((b * g.h + iy) * g.w + ix) * g.c;
+        const float* dp = dy + (row * g.ow + ox) * g.c;
+        for (int64_t c = c0; c < c1; ++c) acc[(i * g.kw + j) * g.c + c] += xp[c] * dp[c];
+      }
+  }
+}
+
+// Output rows [r0, r1): each row's x and dy are read from memory once and stay in cache for every block of channels
+// and every tap.
+void depthwise_weight_grad_rows(const DepthwiseGeometry& g, const float* x, const float* dy, float* acc, int64_t r0,
+                                int64_t r1) {
+  for (int64_t row = r0; row < r1; ++row) {
+    int64_t c0 = 0;
+    for (; c0 + kBlockChannels <= g.c; c0 += kBlockChannels)
+      depthwise_weight_grad_block<kVectors>(g, x, dy, acc, row, c0);
+    for (; c0 + kLanes <= g.c; c0 += kLanes) depthwise_weight_grad_block<1>(g, x, dy, acc, row, c0);
+    if (c0 < g.c) depthwise_weight_grad_tail(g, x, dy, acc, row, c0, g.c);
+  }
+}
+
+// d(kernel) of a depthwise convolution: one contiguous range of output rows per thread, the first accumulating into
+// dk, the others into scratch buffers added to it at the end (d(kernel) is small: kh x kw x c floats).
+void depthwise_weight_grad(ffi::ThreadPool& pool, const DepthwiseGeometry& g, const float* x, const float* dy,
+                           float* dk) {
+  int64_t rows = g.n * g.oh, size = g.kh * g.kw * g.c;
+  int64_t threads = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), rows));
+  std::vector<std::unique_ptr<Scratch>> partial(threads);
+  for (int64_t t = 1; t < threads; ++t) partial[t] = std::make_unique<Scratch>(size);
+  parallel_for(pool, threads, [&](int64_t t) {
+    float* acc = t == 0 ? dk : partial[t]->data();
+    std::memset(acc, 0, size * sizeof(float));
+    depthwise_weight_grad_rows(g, x, dy, acc, rows * t / threads, rows * (t + 1) / threads);
+  });
+  for (int64_t t = 1; t < threads; ++t) {
+    const float* part = partial[t]->data();
+    for (int64_t e = 0; e < size; ++e) dk[e] += part[e];
+  }
+}
+
 }  // namespace
 
 // The kernel as the forward pass reads it: per block of output channels [co0, co0 + width) (kBlockChannels wide, the
@@ -681,7 +769,21 @@ static ffi::Error ConvWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32>
   return ffi::Error::Success();
 }
 
-// Both calls take XLA's thread pool, two float32 operands and one result, and the window's padding and dilation.
+static ffi::Error DepthwiseWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                                          ffi::ResultBuffer<ffi::F32> dk, int64_t pad_top, int64_t pad_left,
+                                          int64_t dil_h, int64_t dil_w, int64_t stride_h, int64_t stride_w) {
+  auto xd = x.dimensions(), dyd = dy.dimensions(), kd = dk->dimensions();
+  if (xd.size() != 4 || dyd.size() != 4 || kd.size() != 4 || kd[2] != 1 || kd[3] != xd[3] || dyd[3] != xd[3] ||
+      dyd[0] != xd[0] || stride_h < 1 || stride_w < 1)
+    return ffi::Error::InvalidArgument("fcnjax DepthwiseWeightGrad: needs x (n,h,w,c), dy (n,oh,ow,c), d(kernel) "
+                                       "(kh,kw,1,c), strides >= 1");
+  DepthwiseGeometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], dyd[1], dyd[2], stride_h, stride_w, pad_top,
+                      pad_left, dil_h, dil_w};
+  depthwise_weight_grad(pool, g, x.typed_data(), dy.typed_data(), dk->typed_data());
+  return ffi::Error::Success();
+}
+
+// The calls take XLA's thread pool, two float32 operands and one result, and the window's padding and dilation.
 static auto WindowCallBinding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
@@ -708,3 +810,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvForward, ConvForwardImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvWeightGrad, ConvWeightGradImpl,
                               WindowCallBinding().Attr<int64_t>("block_bytes"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseWeightGrad, DepthwiseWeightGradImpl,
+                              WindowCallBinding().Attr<int64_t>("stride_h").Attr<int64_t>("stride_w"));
