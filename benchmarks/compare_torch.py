@@ -3,16 +3,20 @@
   python -m benchmarks.compare_torch                                   # fcn8s, unet, fcn_resnet50; batch 2, 224x224
   python -m benchmarks.compare_torch --models unet --size 64 --steps 2 --rounds 2   # a quick check of the script
   python -m benchmarks.compare_torch --models all                      # also the rest of the torchvision/smp zoo
-  python -m benchmarks.compare_torch --torch_compile --dtype bfloat16 --out runs/bench/bf16.json
+  python -m benchmarks.compare_torch --dtype bfloat16 --out runs/bench/bf16.json
+  python -m benchmarks.compare_torch --precision highest             # on a GPU: float32 without TF32 in both
 
 Each model is timed twice, as a train step and as inference:
 - train: fcnjax's jitted `steps.train_step` (SGD momentum 0.9, cross-entropy with ignore_index 255, aux head weighted
   0.5 as in torchvision's reference, state donated) against the PyTorch model with torch.optim.SGD(momentum=0.9),
-  F.cross_entropy and loss.backward() -- eager, and with --torch_compile also torch.compile(model).
+  F.cross_entropy and loss.backward() -- eager, and also torch.compile(model) (inductor, default mode) unless
+  --no_torch_compile; where torch.compile fails, its row says why and the others go on.
 - inference: the model's forward pass in eval mode (fcnjax returns every head, as torchvision's fcn_resnet50 computes
-  its aux head in eval mode too, so both do the same work); and, where onnxruntime and jax2onnx are installed, the
-  ONNX file fcnjax exports (fcnjax.exporting.save_onnx) run by ONNX Runtime's default CPU provider on the same
-  threads. That file holds the 'out' head only, so for a model with an aux head ORT does less work than the others.
+  its aux head in eval mode too, so both do the same work); and, where onnxruntime is installed, ONNX Runtime's
+  default CPU provider on the same threads running two files: PyTorch's own export of the reference
+  (torch.onnx.export, TorchScript exporter, opset 17, every head: 'onnxruntime-torch', the peer a PyTorch user
+  deploys with) and the file fcnjax exports (fcnjax.exporting.save_onnx, with jax2onnx: 'onnxruntime'), which holds
+  the 'out' head only, so for a model with an aux head that ORT run does less work than the others.
 The references are tests.torch_reference.fcn.FCN8s, tests.torch_reference.unet.UNet (64..1024, BatchNorm,
 transposed-conv up-sampling), torchvision.models.segmentation's builders (aux_loss=True where they have one) and
 segmentation_models_pytorch's Unet and DeepLabV3Plus on a resnet34 encoder. fcnjax gets the torch model's initial
@@ -20,7 +24,9 @@ weights through the converters, and the two inference outputs are compared once 
 checks that the two networks really are the same one.
 
 Frameworks take turns in rounds (see benchmarks/harness.py). Reported per model and mode: images/s (median and
-min-max over rounds), fcnjax/torch (median of per-round ratios), time to the first step, XLA compile time, GFLOP per
+min-max over rounds), fcnjax/torch (median of per-round ratios), time to the first step (fcnjax: cold, then warm --
+traced, lowered and compiled again in the same process after jax.clear_caches(), the executable coming from JAX's
+persistent compilation cache as in a repeated command; --no_warm_start skips it), XLA compile time, GFLOP per
 step from XLA's cost analysis (useful multiply-adds x 2; the same count is used for torch, as it is the same
 network), achieved GFLOP/s and its fraction of the device's peak, and peak memory:
 - fcnjax: XLA's buffer plan for the step (compiled.memory_analysis(): arguments + outputs - donated aliases + temps);
@@ -57,6 +63,8 @@ SMP_ENCODER = "resnet34"  # smp's default encoder
 ALL_MODELS = MODELS + ("fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large",
                        "lraspp_mobilenet_v3_large", *SMP_MODELS)
 MODES = ("train", "infer")
+PRECISIONS = ("default", "highest", "tf32")
+NUM_CLASSES = 21  # VOC's, as torchvision's segmentation weights
 LEARNING_RATE = 0.01
 AUX_WEIGHT = 0.5  # torchvision references/segmentation: loss = out + 0.5 * aux; fcnjax.losses' default
 
@@ -68,15 +76,20 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--size", type=int, default=224, help="square input size")
-  p.add_argument("--num_classes", type=int, default=21)
+  p.add_argument("--num_classes", type=int, default=NUM_CLASSES)
   p.add_argument("--steps", type=int, default=1, help="timed steps per framework per round")
   p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
   p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
   p.add_argument("--threads", type=int, default=0, help="CPU threads for both frameworks (0 = all allowed cores)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                  help="bfloat16: fcnjax compute dtype bfloat16 (params float32); torch autocast(bfloat16)")
-  p.add_argument("--torch_compile", action="store_true", help="also time torch.compile(model)")
-  p.add_argument("--no_onnxruntime", action="store_true", help="skip the ONNX Runtime column of inference")
+  p.add_argument("--no_torch_compile", action="store_true", help="skip torch.compile(model) (default mode)")
+  p.add_argument("--precision", choices=PRECISIONS, default="default",
+                 help="float32 matmuls and convolutions on a GPU: 'highest' = true float32 in both frameworks (TF32 "
+                      "off), 'tf32' = TF32 tensor cores in both; 'default' leaves each framework's own default")
+  p.add_argument("--no_onnxruntime", action="store_true", help="skip the ONNX Runtime columns of inference")
+  p.add_argument("--no_warm_start", action="store_true",
+                 help="skip fcnjax's first step from the persistent compilation cache (a second compile)")
   p.add_argument("--torch_channels_last", action="store_true", help="torch in channels_last memory format")
   p.add_argument("--no_memory", action="store_true", help="skip the torch CPU memory probe (a subprocess per model)")
   p.add_argument("--cpu_ghz", type=float, default=None, help="CPU clock for the peak estimate (default: cpu MHz)")
@@ -142,14 +155,19 @@ def flax_variables_from_torch(name: str, model) -> dict:
   return conversion.get_converter(name)(state)
 
 
-def fcnjax_model(name: str, num_classes: int, dtype: str):
-  from fcnjax import models  # pylint: disable=g-import-not-at-top
+def fcnjax_model_config(name: str, num_classes: int, dtype: str) -> dict:
+  """The fcnjax model config of the network the torch reference builds."""
   config = {"name": name, "num_classes": num_classes, "dtype": dtype}
   if name == "fcn8s":
     config["variant"] = "paper"  # the reference nets' FCN-8s, as tests.torch_reference.fcn
   if name in SMP_MODELS:
     config["encoder"] = SMP_ENCODER
-  return models.build_model(config)
+  return config
+
+
+def fcnjax_model(name: str, num_classes: int, dtype: str):
+  from fcnjax import models  # pylint: disable=g-import-not-at-top
+  return models.build_model(fcnjax_model_config(name, num_classes, dtype))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -187,6 +205,7 @@ def _planned_bytes(compiled) -> int | None:
 class RunnerInfo:
   framework: str
   first_step_s: float = 0.0             # from nothing compiled to the end of the first step (jit: compile + step)
+  warm_first_step_s: float | None = None  # the same with the executable in JAX's persistent cache (fcnjax only)
   compile_s: float | None = None        # XLA lower + compile (fcnjax only)
   flops: float | None = None            # per step, XLA cost analysis of the forward (training: 3x it)
   memory_bytes: int | None = None
@@ -268,6 +287,39 @@ class FcnjaxInfer:
     return time.perf_counter() - start
 
 
+class OrtTorchExport:
+  """PyTorch's own ONNX export of the reference (every head) in ONNX Runtime's default CPU provider."""
+
+  def __init__(self, module, images: np.ndarray, threads: int, directory: str):
+    import torch  # pylint: disable=g-import-not-at-top
+    from fcnjax import exporting  # pylint: disable=g-import-not-at-top
+    self.images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    self.info = RunnerInfo("onnxruntime-torch")
+    path = os.path.join(directory, "torch.onnx")
+    example = torch.from_numpy(self.images)
+    with torch.no_grad():
+      heads = ["out", "aux"][:len(_torch_outputs(module.eval()(example)))]
+    start = time.perf_counter()
+    torch.onnx.export(module.eval(), (example,), path, dynamo=False, opset_version=17, input_names=["images"],
+                      output_names=heads)
+    self.info.file_bytes = os.path.getsize(path)
+    self.session = exporting.onnx_session(path, threads)
+    self.info.compile_s = time.perf_counter() - start  # export and session set-up
+    self.heads = heads
+    self._run()
+    self.info.first_step_s = time.perf_counter() - start
+
+  def _run(self):
+    outputs = self.session.run(self.heads, {"images": self.images})
+    self.outputs = {head: out.transpose(0, 2, 3, 1) for head, out in zip(self.heads, outputs)}
+
+  def __call__(self, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+      self._run()
+    return time.perf_counter() - start
+
+
 class OrtInfer:
   """fcnjax's exported ONNX file (the 'out' head) in ONNX Runtime's default CPU provider."""
 
@@ -293,10 +345,10 @@ class OrtInfer:
     return time.perf_counter() - start
 
 
-def onnxruntime_available() -> bool:
+def importable(*packages: str) -> bool:
   try:
-    import jax2onnx  # noqa: F401 pylint: disable=g-import-not-at-top,unused-import
-    import onnxruntime  # noqa: F401 pylint: disable=g-import-not-at-top,unused-import
+    for package in packages:
+      __import__(package)
   except ImportError:
     return False
   return True
@@ -433,6 +485,13 @@ def parity(jax_outputs: dict, torch_heads: list) -> dict:
   return {"max_abs_diff": max(diffs), "max_abs_output": scale}
 
 
+def fcnjax_runner(model, mode: str, variables: dict, images: np.ndarray, masks: np.ndarray):
+  import jax  # pylint: disable=g-import-not-at-top
+  if mode == "train":
+    return FcnjaxTrain(model, jax.tree.map(np.copy, variables), images, masks)
+  return FcnjaxInfer(model, variables, images)
+
+
 def bench_model(args, name: str, device: str, peak: harness.Peak, log, scratch: str) -> list[dict]:
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
@@ -447,13 +506,13 @@ def bench_model(args, name: str, device: str, peak: harness.Peak, log, scratch: 
   rows = []
   for mode in args.modes:
     log(f"{name} {mode}: compiling / first steps")
-    if mode == "train":
-      ours = FcnjaxTrain(model, jax.tree.map(np.copy, variables), images, masks)
-    else:
-      ours = FcnjaxInfer(model, variables, images)
+    ours = fcnjax_runner(model, mode, variables, images, masks)
+    if not args.no_warm_start:
+      jax.clear_caches()  # traced, lowered and compiled again: the executable comes from the persistent cache
+      ours.info.warm_first_step_s = fcnjax_runner(model, mode, variables, images, masks).info.first_step_s
     # Train runners update the weights; each torch runner gets its own copy so modes do not see each other's steps.
     contenders = {"fcnjax": ours}
-    variants = [False] + ([True] if args.torch_compile else [])
+    variants = [False] + ([] if args.no_torch_compile else [True])
     for compiled in variants:
       label = "torch.compile" if compiled else "torch"
       module = torch_model(name, args.num_classes) if mode == "train" else reference
@@ -468,15 +527,17 @@ def bench_model(args, name: str, device: str, peak: harness.Peak, log, scratch: 
         log(f"  torch.compile failed: {type(e).__name__}: {e}")
         rows.append({"model": name, "mode": mode, "framework": label, "error": f"{type(e).__name__}: {e}"[:300]})
     if mode == "infer" and args.onnxruntime and device == "cpu" and args.dtype == "float32":
-      log(f"{name} {mode}: exporting to ONNX")
-      contenders["onnxruntime"] = OrtInfer(model, variables, images, args.threads_used, scratch)
+      log(f"{name} {mode}: exporting to ONNX (torch.onnx.export, fcnjax.exporting)")
+      contenders["onnxruntime-torch"] = OrtTorchExport(reference, images, args.threads_used, scratch)
+      if args.jax2onnx:
+        contenders["onnxruntime"] = OrtInfer(model, variables, images, args.threads_used, scratch)
     for _ in range(args.warmup):
       for runner in contenders.values():
         runner(1)
     check = parity(ours.outputs, contenders["torch"].outputs) if mode == "infer" else None
-    if "onnxruntime" in contenders:
-      out = ours.outputs["out"]
-      ort_difference = float(np.max(np.abs(np.asarray(out) - contenders["onnxruntime"].outputs["out"])))
+    out = ours.outputs["out"] if mode == "infer" else None
+    ort_differences = {label: float(np.max(np.abs(np.asarray(out) - contenders[label].outputs["out"])))
+                       for label in ("onnxruntime", "onnxruntime-torch") if label in contenders}
     rates = harness.interleave(contenders, rounds=args.rounds, steps=args.steps, items_per_step=args.batch, log=log)
     for label, runner in contenders.items():
       if isinstance(runner, TorchRunner):
@@ -498,8 +559,8 @@ def bench_model(args, name: str, device: str, peak: harness.Peak, log, scratch: 
           row[f"ratio_vs_{other}"] = dataclasses.asdict(harness.ratio(rates["fcnjax"], rates[other]))
       if check and label == "torch":
         row["parity"] = check
-      if label == "onnxruntime":
-        row["parity"] = {"max_abs_diff": ort_difference, "max_abs_output": float(np.max(np.abs(out)))}
+      if label in ort_differences:
+        row["parity"] = {"max_abs_diff": ort_differences[label], "max_abs_output": float(np.max(np.abs(out)))}
       rows.append(row)
   return rows
 
@@ -517,7 +578,8 @@ def table(rows: list[dict]) -> str:
         "model": r["model"], "mode": r["mode"], "framework": r["framework"],
         "img/s median (min-max)": spread.short(),
         "fcnjax/other": "; ".join(ratios),
-        "first step s": f"{r['first_step_s']:.1f}",
+        "first step s": f"{r['first_step_s']:.1f}" + ("" if r.get("warm_first_step_s") is None
+                                                      else f" / {r['warm_first_step_s']:.1f} warm"),
         "compile s": "" if r.get("compile_s") is None else f"{r['compile_s']:.1f}",
         "GFLOP/step": "" if not r.get("flops_per_step") else f"{r['flops_per_step'] / 1e9:.1f}",
         "GFLOP/s": "" if r.get("achieved_gflops") is None else f"{r['achieved_gflops']:.0f}",
@@ -531,6 +593,16 @@ def table(rows: list[dict]) -> str:
   return harness.markdown_table(formatted, columns)
 
 
+def set_precision(precision: str) -> None:
+  """float32 matmul/convolution precision in both frameworks (they matter on GPUs with TF32 tensor cores only)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  if precision == "default":
+    return
+  jax.config.update("jax_default_matmul_precision", "highest" if precision == "highest" else "tensorfloat32")
+  torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+
+
 def main(argv=None) -> None:
   args = parse_args(argv)
   if args.probe_torch_memory:
@@ -539,17 +611,19 @@ def main(argv=None) -> None:
   threads = harness.pin_threads(args.threads)  # before the first jax computation starts XLA's thread pool
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  if args.compilation_cache:
-    from fcnjax import compilation_cache  # pylint: disable=g-import-not-at-top
-    compilation_cache.enable(args.compilation_cache)
+  from fcnjax import compilation_cache  # pylint: disable=g-import-not-at-top
+  scratch_dir = tempfile.TemporaryDirectory()
+  if args.compilation_cache or not args.no_warm_start:  # a fresh cache unless one is given: the first steps start cold
+    compilation_cache.enable(args.compilation_cache or os.path.join(scratch_dir.name, "xla"))
   backend = jax.default_backend()
   device = "cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu"
   if (backend == "gpu") != (device == "cuda"):
     raise SystemExit(f"jax runs on {backend} but torch on {device}: both frameworks must use the same device")
+  set_precision(args.precision)
   if device == "cuda":
     torch.backends.cudnn.benchmark = True  # cuDNN picks its algorithms, as XLA autotunes its own
     device_name = torch.cuda.get_device_name()
-    peak = harness.gpu_peak(device_name, args.dtype)
+    peak = harness.gpu_peak(device_name, args.dtype, tf32=args.precision != "highest")
   else:
     torch.set_num_threads(threads)
     device_name = jax.devices()[0].device_kind
@@ -558,23 +632,24 @@ def main(argv=None) -> None:
   environment = {
       "device": device, "device_name": device_name, "threads": threads, "torch_threads": torch.get_num_threads(),
       "peak_gflops": peak.gflops, "peak_assumption": peak.assumption, "jax": jax.__version__,
-      "torch": torch.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "torch": torch.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "precision": args.precision,
       "compilation_cache": args.compilation_cache,
   }
   log(f"{device_name}: fcnjax (XLA) and torch both on {threads} threads" if device == "cpu" else device_name)
   log(f"peak: {peak.assumption}")
-  args.onnxruntime = not args.no_onnxruntime and onnxruntime_available()
+  args.onnxruntime = not args.no_onnxruntime and importable("onnxruntime", "onnx")
+  args.jax2onnx = args.onnxruntime and importable("jax2onnx")
   args.threads_used = threads
   rows = []
   start = time.perf_counter()
-  with tempfile.TemporaryDirectory() as scratch:
+  with scratch_dir:
     for name in args.models:
-      rows += bench_model(args, name, device, peak, log, scratch)
+      rows += bench_model(args, name, device, peak, log, scratch_dir.name)
   log(f"\nbatch {args.batch}, {args.size}x{args.size}, {args.dtype}, {args.rounds} rounds x {args.steps} steps, "
       f"{time.perf_counter() - start:.0f} s in all")
   log(table(rows))
-  log("parity: max |fcnjax - other| / max |other| of the inference outputs on the same weights (onnxruntime: its "
-      "'out' against fcnjax's)")
+  log("parity: max |fcnjax - other| and max |other| of the inference outputs on the same weights (onnxruntime, "
+      "onnxruntime-torch: their 'out' against fcnjax's)")
   if args.out:
     harness.write_json(args.out, {"args": vars(args), "environment": environment, "results": rows})
     log(f"wrote {args.out}")

@@ -168,16 +168,18 @@ def cpu_peak(threads: int, ghz: float | None = None) -> Peak:
                       f"= {gflops:.0f} GFLOP/s")
 
 
-def gpu_peak(device_name: str, dtype: str) -> Peak:
+def gpu_peak(device_name: str, dtype: str, tf32: bool = True) -> Peak:
   """Peak for `dtype` compute: float32 convolutions run on TF32 tensor cores by default in both frameworks (XLA's
-  default precision, torch.backends.cudnn.allow_tf32=True), so float32 is measured against the TF32 peak."""
-  for fragment, (fp32, tf32, bf16) in GPU_PEAK_TFLOPS:
+  default precision, torch.backends.cudnn.allow_tf32=True), so float32 is measured against the TF32 peak unless
+  `tf32` is False (precision 'highest': the CUDA cores' fp32 peak)."""
+  for fragment, (fp32, tf32_peak, bf16) in GPU_PEAK_TFLOPS:
     if fragment.lower() in device_name.lower():
       if dtype == "bfloat16":
         return Peak(bf16 * 1e3, f"{device_name}: dense bf16 tensor-core peak {bf16} TFLOP/s")
-      if tf32 is None:
-        return Peak(fp32 * 1e3, f"{device_name}: fp32 peak {fp32} TFLOP/s (no TF32)")
-      return Peak(tf32 * 1e3, f"{device_name}: dense TF32 tensor-core peak {tf32} TFLOP/s (fp32 CUDA cores: {fp32})")
+      if tf32_peak is None or not tf32:
+        return Peak(fp32 * 1e3, f"{device_name}: fp32 peak {fp32} TFLOP/s ({'TF32 off' if tf32_peak else 'no TF32'})")
+      return Peak(tf32_peak * 1e3,
+                  f"{device_name}: dense TF32 tensor-core peak {tf32_peak} TFLOP/s (fp32 CUDA cores: {fp32})")
   return Peak(None, f"{device_name}: not in benchmarks/harness.py GPU_PEAK_TFLOPS")
 
 
