@@ -74,25 +74,28 @@ def test_depthwise_and_its_gradients_match_torch(case):
 
 
 @pytest.mark.usefixtures("native_kernels")
-def test_float32_weight_gradient_is_the_native_kernels_and_by_taps_without_them():
-  """In float32 the weight gradient is fcnjax's C++ kernel (one call, no column reduction); with the kernels turned
-  off it is the sum by taps; both give torch's values."""
+def test_float32_forward_and_weight_gradient_are_the_native_kernels_and_by_taps_without_them():
+  """In float32 the forward pass and the weight gradient are fcnjax's C++ kernels (one call each; the input
+  gradient stays by taps); with the kernels turned off both are sums by taps; all give torch's values."""
   case = CASES[-1]
   _, _, _, _, _, stride, padding, dilation = case
   x, kernel, dy = _case_data(case, seed=1)
-  dk_ref = _torch_depthwise(x, kernel, stride, padding, dilation, dy)[2]
+  references = _torch_depthwise(x, kernel, stride, padding, dilation, dy)
   for enabled, calls in ((True, 1), (False, 0)):
     with native.kernels_enabled(enabled):
       run = _forward_and_grads(stride, padding, dilation)
       hlo = run.lower(x, kernel, dy).compile().as_text()
-      dk = run(x, kernel, dy)[2]
-    assert hlo.count('custom_call_target="fcnjax_depthwise_weight_grad"') == calls, enabled
-    np.testing.assert_allclose(np.asarray(dk), dk_ref, atol=1e-5 * _scale(dk_ref), err_msg=f"enabled={enabled}")
+      results = run(x, kernel, dy)
+    for target in ("fcnjax_depthwise_forward", "fcnjax_depthwise_weight_grad"):
+      assert hlo.count(f'custom_call_target="{target}"') == calls, (target, enabled)
+    for name, ours, ref in zip(("y", "dx", "dk"), results, references):
+      np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-5 * _scale(ref), err_msg=f"{name}, {enabled}")
 
 
 @pytest.mark.usefixtures("native_kernels")
 def test_per_example_weight_gradients_under_vmap():
-  """jax.vmap of the gradient: one kernel call per example, each example's own sum (lax's values)."""
+  """jax.vmap of the gradient: the forward pass on the examples folded into one batch, one weight-gradient call
+  per example, each example's own sum (lax's values)."""
   case = CASES[1]
   _, _, _, c, k, stride, padding, dilation = case
   rng = np.random.default_rng(3)

@@ -6,8 +6,9 @@ the sum over taps of that slice times the tap's per-channel weights. Channels ar
 every term is an element-wise multiply-add that XLA fuses into one vectorised loop. Its gradients are written the
 same way: the input gradient puts dy times each tap's weights back where the tap read (windows.fold), the weight
 gradient of a tap is its slice times dy summed over batch and positions. That sum is a column reduction that
-XLA:CPU runs 2-19x slower than PyTorch, so in float32, where fcnjax's C++ kernels are built, the weight gradient is
-theirs (fcnjax.ops.native.depthwise_weight_grad).
+XLA:CPU runs 2-19x slower than PyTorch, and the forward sum 2-4x slower than PyTorch's, so in float32, where
+fcnjax's C++ kernels are built, the forward pass and the weight gradient are theirs
+(fcnjax.ops.native.depthwise_forward, depthwise_weight_grad; docs/performance.md has the figures per layer).
 
 Why: XLA:CPU lowers a grouped convolution with as many groups as channels to a generic loop that runs these layers
 at a small fraction of PyTorch's speed, and its gradients slower still (benchmarks/depthwise_layers.py prints each
@@ -80,10 +81,24 @@ def weight_grad_by_taps(x: Array, kernel: Array, dy: Array, strides, pads, dilat
   return dk.reshape(kernel.shape).astype(kernel.dtype)
 
 
+def _native_takes(*operands: Array, pads=((0, 0), (0, 0))) -> bool:
+  """Whether fcnjax's C++ depthwise kernels take these operands: float32, no negative padding, kernels built and
+  enabled where this is traced."""
+  return (all(a.dtype == jnp.float32 for a in operands) and min(min(p) for p in pads) >= 0
+          and native.available())
+
+
+def forward_on_cpu(x: Array, kernel: Array, strides, pads, dilation) -> Array:
+  """The depthwise convolution by fcnjax's C++ kernel where it takes the operands, else by taps."""
+  if _native_takes(x, kernel, pads=pads):
+    return native.depthwise_forward(x, kernel, strides, pads, dilation)
+  return depthwise_by_taps(x, kernel, strides, pads, dilation)
+
+
 def weight_grad_on_cpu(x: Array, kernel: Array, dy: Array, strides, pads, dilation) -> Array:
   """d/dkernel by fcnjax's C++ kernel where it takes the operands (float32, kernels built and enabled when
   traced), else by taps."""
-  if x.dtype == dy.dtype == kernel.dtype == jnp.float32 and native.available():
+  if _native_takes(x, kernel, dy, pads=pads):
     return native.depthwise_weight_grad(x, dy, kernel.shape, strides, pads, dilation)
   return weight_grad_by_taps(x, kernel, dy, strides, pads, dilation)
 
@@ -98,7 +113,7 @@ def depthwise_conv(x: Array, kernel: Array, strides: tuple[int, int], pads: tupl
                    dilation: tuple[int, int], precision=None) -> Array:
   """The depthwise convolution by taps when compiling for CPU, lax's grouped convolution elsewhere."""
   return lax.platform_dependent(
-      x, kernel, cpu=lambda x, k: depthwise_by_taps(x, k, strides, pads, dilation),
+      x, kernel, cpu=lambda x, k: forward_on_cpu(x, k, strides, pads, dilation),
       default=lambda x, k: _lax_depthwise(x, k, strides, pads, dilation, precision))
 
 

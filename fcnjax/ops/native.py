@@ -15,9 +15,9 @@ register blocks of 8-float (AVX2) or 16-float (AVX-512) vectors whatever the mac
 the other target's blocks this way).
 
 The calls (`conv_forward`, `conv_weight_grad`) are stride-1 NHWC/HWIO float32 convolutions whose output channels
-are a multiple of 16; fcnjax.ops.conv decides which convolutions meet that and are worth it. `depthwise_weight_grad`
-is the weight gradient of a float32 depthwise convolution (any channels, strides, padding and dilation), which
-fcnjax.ops.depthwise uses.
+are a multiple of 16; fcnjax.ops.conv decides which convolutions meet that and are worth it. `depthwise_forward` and
+`depthwise_weight_grad` are a float32 depthwise convolution (any channels, strides, padding and dilation) and its
+weight gradient, which fcnjax.ops.depthwise uses.
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ WINOGRAD_MIN_IN_CHANNELS = 32
 CHANNEL_MULTIPLE = 16  # output channels come in 16-float vectors
 # XLA custom-call target -> the library's FFI handler.
 _FFI_HANDLERS = {"fcnjax_conv_forward": "ConvForward", "fcnjax_conv_weight_grad": "ConvWeightGrad",
-                 "fcnjax_depthwise_weight_grad": "DepthwiseWeightGrad"}
+                 "fcnjax_depthwise_forward": "DepthwiseForward", "fcnjax_depthwise_weight_grad": "DepthwiseWeightGrad"}
 
 
 def _compiler_flags() -> tuple[str, ...]:
@@ -270,6 +270,18 @@ def _weight_grad_call(x, dy, kernel_shape, pads, dilation):
               dil_w=np.int64(dilation[1]), block_bytes=np.int64(WEIGHT_GRAD_BLOCK_BYTES))
 
 
+def _depthwise_forward_call(x, kernel, strides, pads, dilation):
+  _require_loaded()
+  (top, bottom), (left, right) = pads
+  kh, kw = kernel.shape[:2]
+  out_h = (x.shape[1] + top + bottom - (kh - 1) * dilation[0] - 1) // strides[0] + 1
+  out_w = (x.shape[2] + left + right - (kw - 1) * dilation[1] - 1) // strides[1] + 1
+  call = jax.ffi.ffi_call("fcnjax_depthwise_forward",
+                          jax.ShapeDtypeStruct((x.shape[0], out_h, out_w, x.shape[3]), x.dtype))
+  return call(x, kernel, pad_top=np.int64(top), pad_left=np.int64(left), dil_h=np.int64(dilation[0]),
+              dil_w=np.int64(dilation[1]), stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]))
+
+
 def _depthwise_weight_grad_call(x, dy, kernel_shape, strides, pads, dilation):
   _require_loaded()
   (top, _), (left, _) = pads
@@ -328,6 +340,21 @@ def _partitioned_by_batch_sum(call, sharding_rule: str):
   return partitioned
 
 
+@functools.partial(custom_partitioning, static_argnums=(2,))
+def _partitioned_depthwise_forward(x, kernel, params):
+  return _depthwise_forward_call(x, kernel, *params)
+
+
+def _depthwise_forward_partition(params, mesh, arg_shapes, result_shape):
+  del result_shape
+  by_batch = NamedSharding(mesh, PartitionSpec(_batch_axes(arg_shapes[0].sharding)))
+  return (mesh, lambda x, kernel: _depthwise_forward_call(x, kernel, *params), by_batch,
+          (by_batch, NamedSharding(mesh, PartitionSpec())))
+
+
+_partitioned_depthwise_forward.def_partition(_depthwise_forward_partition, sharding_rule="n h w c, i j k c -> n p q c",
+                                             need_replication_factors=("h", "w", "c", "i", "j", "k", "p", "q"))
+
 _partitioned_weight_grad = _partitioned_by_batch_sum(_weight_grad_call, "n h w c, n p q o -> i j c o")
 _partitioned_depthwise_weight_grad = _partitioned_by_batch_sum(_depthwise_weight_grad_call,
                                                                "n h w c, n p q c -> i j k c")
@@ -366,6 +393,12 @@ def _vmappable_weight_grad(kernel_shape, pads, dilation):
 
 
 @functools.cache
+def _vmappable_depthwise_forward(strides, pads, dilation):
+  return _with_vmap_rule(lambda x, kernel: _partitioned_depthwise_forward(x, kernel, (strides, pads, dilation)),
+                         fold_images=True)
+
+
+@functools.cache
 def _vmappable_depthwise_weight_grad(kernel_shape, strides, pads, dilation):
   return _with_vmap_rule(
       lambda x, dy: _partitioned_depthwise_weight_grad(x, dy, (kernel_shape, strides, pads, dilation)),
@@ -391,3 +424,9 @@ def depthwise_weight_grad(x: jax.Array, dy: jax.Array, kernel_shape, strides, pa
   at `strides`, pads ((top, bottom), (left, right)) and `dilation`, given dy = d(loss)/d(output); float32."""
   return _vmappable_depthwise_weight_grad(tuple(kernel_shape), tuple(strides), tuple(map(tuple, pads)),
                                           tuple(dilation))(x, dy)
+
+
+def depthwise_forward(x: jax.Array, kernel: jax.Array, strides, pads, dilation) -> jax.Array:
+  """The depthwise convolution of x (n, h, w, c) with kernel (kh, kw, 1, c) at `strides`, pads ((top, bottom),
+  (left, right); >= 0) and `dilation`; float32."""
+  return _vmappable_depthwise_forward(tuple(strides), tuple(map(tuple, pads)), tuple(dilation))(x, kernel)

@@ -6,8 +6,8 @@
 //   kernel turned by 180 degrees and its channel axes swapped (pack_kernel). With winograd_chunk_bytes > 0, a 3x3
 //   kernel's convolution by Winograd's F(2x2, 3x3) instead (winograd_forward): 2.25x fewer multiply-adds.
 // - ConvWeightGrad: d(kernel) = sum over output pixels of x(tap) outer dy.
-// - DepthwiseWeightGrad: the same for a depthwise convolution (one channel per group, any stride), whose d(kernel)
-//   XLA:CPU computes as a column reduction per tap, 2-19x slower than PyTorch (docs/performance.md).
+// - DepthwiseForward, DepthwiseWeightGrad: a depthwise convolution (one channel per group, any stride) and its
+//   d(kernel), which XLA:CPU computes as a column reduction per tap, 2-19x slower than PyTorch (docs/performance.md).
 // Both keep a block of results in vector registers and stream the other operands past it, the way oneDNN's direct
 // kernels do; XLA:CPU's own convolution runs these layers at 60-90% of PyTorch's speed (docs/performance.md). The
 // vector type is GCC's generic one, so the file builds for any x86/ARM target; -march=native picks the units. The
@@ -612,6 +612,77 @@ struct DepthwiseGeometry {
   int64_t n, h, w, c, kh, kw, oh, ow, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w;
 };
 
+// y for PW output pixels from ox0 of row `row` and channels [c0, c0 + V * kLanes): the sum over taps of x(tap) times
+// the tap's weights, PW x V accumulators in registers and each tap's V weight vectors loaded once for the PW pixels.
+// A pixel whose tap reads padding reads `zeros` instead; pixels past the row's end are computed and not stored.
+template <int V, int PW>
+inline void depthwise_forward_block(const DepthwiseGeometry& g, const float* x, const float* kernel,
+                                    const float* zeros, float* y, int64_t row, int64_t ox0, int64_t c0) {
+  int64_t b = row / g.oh, oy = row % g.oh;
+  int64_t pixels = std::min<int64_t>(PW, g.ow - ox0);
+  vec acc[PW][V] = {};
+  for (int64_t i = 0; i < g.kh; ++i) {
+    int64_t iy = oy * g.stride_h - g.pad_top + i * g.dil_h;
+    if (iy < 0 || iy >= g.h) continue;
+    const float* x_row = x + (b * g.h + iy) * g.w * g.c + c0;
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const float* xp[PW];
+      for (int p = 0; p < PW; ++p) {
+        int64_t ix = (ox0 + p) * g.stride_w - g.pad_left + j * g.dil_w;
+        xp[p] = ix >= 0 && ix < g.w && p < pixels ? x_row + ix * g.c : zeros;
+      }
+      vec wv[V];
+      for (int v = 0; v < V; ++v) wv[v] = load(kernel + (i * g.kw + j) * g.c + c0 + v * kLanes);
+      for (int p = 0; p < PW; ++p)
+        for (int v = 0; v < V; ++v) acc[p][v] += load(xp[p] + v * kLanes) * wv[v];
+    }
+  }
+  float* y_row = y + (row * g.ow + ox0) * g.c + c0;
+  for (int p = 0; p < pixels; ++p)
+    for (int v = 0; v < V; ++v) store(y_row + p * g.c + v * kLanes, acc[p][v]);
+}
+
+// Channels [c0, c1), fewer than a vector, one at a time, for every pixel of row `row`.
+void depthwise_forward_tail(const DepthwiseGeometry& g, const float* x, const float* kernel, float* y, int64_t row,
+                            int64_t c0, int64_t c1) {
+  int64_t b = row / g.oh, oy = row % g.oh;
+  for (int64_t ox = 0; ox < g.ow; ++ox) {
+    float* yp = y + (row * g.ow + ox) * g.c;
+    for (int64_t c = c0; c < c1; ++c) yp[c] = 0.f;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      int64_t iy = oy * g.stride_h - g.pad_top + i * g.dil_h;
+      if (iy < 0 || iy >= g.h) continue;
+      for (int64_t j = 0; j < g.kw; ++j) {
+        int64_t ix = ox * g.stride_w - g.pad_left + j * g.dil_w;
+        if (ix < 0 || ix >= g.w) continue;
+        const float* xp = x + ((b * g.h + iy) * g.w + ix) * g.c;
+        const float* kp = kernel + (i * g.kw + j) * g.c;
+        for (int64_t c = c0; c < c1; ++c) yp[c] += xp[c] * kp[c];
+      }
+    }
+  }
+}
+
+// The depthwise convolution y = x * kernel: tasks of output rows, each row in blocks of pixels and channels.
+void depthwise_forward(ffi::ThreadPool& pool, const DepthwiseGeometry& g, const float* x, const float* kernel,
+                       float* y) {
+  // PW x V accumulators, V weights and one x in registers: 4 x 4 (AVX-512) or 3 x 2 (AVX2) for whole blocks, 8
+  // pixels for single vectors.
+  constexpr int PW = kLanes == 16 ? 4 : 3, PW1 = kLanes == 16 ? 6 : 4;
+  std::vector<float> zeros(kBlockChannels, 0.f);
+  int64_t rows = g.n * g.oh, whole = g.c / kBlockChannels * kBlockChannels;
+  parallel_for(pool, rows, [&](int64_t row) {
+    for (int64_t c0 = 0; c0 < whole; c0 += kBlockChannels)
+      for (int64_t ox0 = 0; ox0 < g.ow; ox0 += PW)
+        depthwise_forward_block<kVectors, PW>(g, x, kernel, zeros.data(), y, row, ox0, c0);
+    for (int64_t c0 = whole; c0 + kLanes <= g.c; c0 += kLanes)
+      for (int64_t ox0 = 0; ox0 < g.ow; ox0 += PW1)
+        depthwise_forward_block<1, PW1>(g, x, kernel, zeros.data(), y, row, ox0, c0);
+    int64_t tail = g.c / kLanes * kLanes;
+    if (tail < g.c) depthwise_forward_tail(g, x, kernel, y, row, tail, g.c);
+  });
+}
+
 // acc[(i, j), c0 .. c0 + V * kLanes) += sum over the output pixels of row `row` of x(tap (i, j)) * dy: for each tap
 // row i, kw passes over the row's pixels, V vectors of accumulators in registers. Taps that read padding add nothing
 // and are skipped (the columns a tap reads inside the row are [lo, hi)).
@@ -783,6 +854,20 @@ static ffi::Error DepthwiseWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi:
   return ffi::Error::Success();
 }
 
+static ffi::Error DepthwiseForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                                       ffi::ResultBuffer<ffi::F32> y, int64_t pad_top, int64_t pad_left,
+                                       int64_t dil_h, int64_t dil_w, int64_t stride_h, int64_t stride_w) {
+  auto xd = x.dimensions(), kd = kernel.dimensions(), yd = y->dimensions();
+  if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4 || kd[2] != 1 || kd[3] != xd[3] || yd[3] != xd[3] ||
+      yd[0] != xd[0] || stride_h < 1 || stride_w < 1)
+    return ffi::Error::InvalidArgument("fcnjax DepthwiseForward: needs x (n,h,w,c), kernel (kh,kw,1,c), "
+                                       "y (n,oh,ow,c), strides >= 1");
+  DepthwiseGeometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], yd[1], yd[2], stride_h, stride_w, pad_top,
+                      pad_left, dil_h, dil_w};
+  depthwise_forward(pool, g, x.typed_data(), kernel.typed_data(), y->typed_data());
+  return ffi::Error::Success();
+}
+
 // The calls take XLA's thread pool, two float32 operands and one result, and the window's padding and dilation.
 static auto WindowCallBinding() {
   return ffi::Ffi::Bind()
@@ -812,4 +897,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvWeightGrad, ConvWeightGradImpl,
                               WindowCallBinding().Attr<int64_t>("block_bytes"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseWeightGrad, DepthwiseWeightGradImpl,
+                              WindowCallBinding().Attr<int64_t>("stride_h").Attr<int64_t>("stride_w"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseForward, DepthwiseForwardImpl,
                               WindowCallBinding().Attr<int64_t>("stride_h").Attr<int64_t>("stride_w"));
