@@ -515,6 +515,8 @@ def bench_model(args, name: str, device: str, peak: harness.Peak, log, scratch: 
     variants = [False] + ([] if args.no_torch_compile else [True])
     for compiled in variants:
       label = "torch.compile" if compiled else "torch"
+      if compiled:  # dynamo's caches are per code object: models sharing torchvision's would hit its recompile limit
+        torch._dynamo.reset()  # pylint: disable=protected-access
       module = torch_model(name, args.num_classes) if mode == "train" else reference
       module.load_state_dict(reference.state_dict())
       module = module.to(device)
