@@ -34,7 +34,7 @@ PACKAGES = {"onnx": ("jax2onnx", "onnx", "onnxruntime")}
 INSTALL_HINT = "pip install 'fcnjax[export]'"
 # Names of the C++ CPU kernels' XLA targets (fcnjax.ops.native); none may appear in an exported graph.
 NATIVE_TARGETS = ("fcnjax_conv_forward", "fcnjax_conv_weight_grad", "fcnjax_depthwise_forward",
-                  "fcnjax_depthwise_weight_grad")
+                  "fcnjax_depthwise_input_grad", "fcnjax_depthwise_weight_grad")
 ONNX_INPUT, ONNX_OUTPUT = "images", "logits"
 
 

@@ -74,9 +74,9 @@ def test_depthwise_and_its_gradients_match_torch(case):
 
 
 @pytest.mark.usefixtures("native_kernels")
-def test_float32_forward_and_weight_gradient_are_the_native_kernels_and_by_taps_without_them():
-  """In float32 the forward pass and the weight gradient are fcnjax's C++ kernels (one call each; the input
-  gradient stays by taps); with the kernels turned off both are sums by taps; all give torch's values."""
+def test_float32_parts_are_the_native_kernels_and_by_taps_without_them():
+  """In float32 the forward pass and both gradients are fcnjax's C++ kernels (one call each); with the kernels turned
+  off they are sums by taps; all give torch's values."""
   case = CASES[-1]
   _, _, _, _, _, stride, padding, dilation = case
   x, kernel, dy = _case_data(case, seed=1)
@@ -86,7 +86,7 @@ def test_float32_forward_and_weight_gradient_are_the_native_kernels_and_by_taps_
       run = _forward_and_grads(stride, padding, dilation)
       hlo = run.lower(x, kernel, dy).compile().as_text()
       results = run(x, kernel, dy)
-    for target in ("fcnjax_depthwise_forward", "fcnjax_depthwise_weight_grad"):
+    for target in ("fcnjax_depthwise_forward", "fcnjax_depthwise_input_grad", "fcnjax_depthwise_weight_grad"):
       assert hlo.count(f'custom_call_target="{target}"') == calls, (target, enabled)
     for name, ours, ref in zip(("y", "dx", "dk"), results, references):
       np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-5 * _scale(ref), err_msg=f"{name}, {enabled}")

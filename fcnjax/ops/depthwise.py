@@ -5,10 +5,10 @@ Each tap (i, j) of a k x k window reads a strided slice of the padded input (fcn
 the sum over taps of that slice times the tap's per-channel weights. Channels are the last, contiguous axis, so
 every term is an element-wise multiply-add that XLA fuses into one vectorised loop. Its gradients are written the
 same way: the input gradient puts dy times each tap's weights back where the tap read (windows.fold), the weight
-gradient of a tap is its slice times dy summed over batch and positions. That sum is a column reduction that
-XLA:CPU runs 2-19x slower than PyTorch, and the forward sum 2-4x slower than PyTorch's, so in float32, where
-fcnjax's C++ kernels are built, the forward pass and the weight gradient are theirs
-(fcnjax.ops.native.depthwise_forward, depthwise_weight_grad; docs/performance.md has the figures per layer).
+gradient of a tap is its slice times dy summed over batch and positions. XLA:CPU runs these sums 2-14x slower than
+PyTorch runs the layers (the weight gradient is a column reduction), so in float32, where fcnjax's C++ kernels are
+built, all three are theirs (fcnjax.ops.native.depthwise_forward, depthwise_input_grad, depthwise_weight_grad;
+docs/performance.md has the figures per layer); the sums by taps remain for other dtypes and without the kernels.
 
 Why: XLA:CPU lowers a grouped convolution with as many groups as channels to a generic loop that runs these layers
 at a small fraction of PyTorch's speed, and its gradients slower still (benchmarks/depthwise_layers.py prints each
@@ -95,6 +95,13 @@ def forward_on_cpu(x: Array, kernel: Array, strides, pads, dilation) -> Array:
   return depthwise_by_taps(x, kernel, strides, pads, dilation)
 
 
+def input_grad_on_cpu(x: Array, kernel: Array, dy: Array, strides, pads, dilation) -> Array:
+  """d/dx by fcnjax's C++ kernel where it takes the operands, else by taps."""
+  if _native_takes(x, kernel, dy, pads=pads):
+    return native.depthwise_input_grad(dy, kernel, x.shape, strides, pads, dilation)
+  return input_grad_by_taps(x, kernel, dy, strides, pads, dilation)
+
+
 def weight_grad_on_cpu(x: Array, kernel: Array, dy: Array, strides, pads, dilation) -> Array:
   """d/dkernel by fcnjax's C++ kernel where it takes the operands (float32, kernels built and enabled when
   traced), else by taps."""
@@ -128,7 +135,7 @@ def _depthwise_bwd(strides, pads, dilation, precision, residuals, dy):
     return jax.vjp(lambda x, k: _lax_depthwise(x, k, strides, pads, dilation, precision), x, kernel)[1](dy)
 
   def cpu_grads(x, kernel, dy):
-    return (input_grad_by_taps(x, kernel, dy, strides, pads, dilation),
+    return (input_grad_on_cpu(x, kernel, dy, strides, pads, dilation),
             weight_grad_on_cpu(x, kernel, dy, strides, pads, dilation))
 
   return lax.platform_dependent(x, kernel, dy, cpu=cpu_grads, default=lax_grads)

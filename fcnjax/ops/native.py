@@ -5,8 +5,8 @@ units (-march=native), against the FFI headers that jaxlib ships, into a cache f
 ~/.cache/fcnjax). The library's name holds a hash of the source, the compiler, its flags, jaxlib's version and the
 CPU's features, so a changed source, toolchain or machine builds anew and a shared cache never serves a library
 built for another CPU. The folder is created private (0700); a folder or library that another user owns or can
-write is never loaded from (fcnjax warns and builds into a private temporary folder instead). Without a compiler, or when the build fails, fcnjax warns once and every convolution keeps
-the pure-XLA forms (fcnjax.ops.conv).
+write is never loaded from (fcnjax warns and builds into a private temporary folder instead). Without a compiler,
+or when the build fails, fcnjax warns once and every convolution keeps the pure-XLA forms (fcnjax.ops.conv).
 
 Switches: FCNJAX_NATIVE=0 turns the kernels off for the process (for comparisons and debugging); `kernels_enabled`
 turns them off for what is traced inside it (a run's `config.native_kernels`); FCNJAX_WINOGRAD=0 turns off
@@ -15,9 +15,9 @@ register blocks of 8-float (AVX2) or 16-float (AVX-512) vectors whatever the mac
 the other target's blocks this way).
 
 The calls (`conv_forward`, `conv_weight_grad`) are stride-1 NHWC/HWIO float32 convolutions whose output channels
-are a multiple of 16; fcnjax.ops.conv decides which convolutions meet that and are worth it. `depthwise_forward` and
-`depthwise_weight_grad` are a float32 depthwise convolution (any channels, strides, padding and dilation) and its
-weight gradient, which fcnjax.ops.depthwise uses.
+are a multiple of 16; fcnjax.ops.conv decides which convolutions meet that and are worth it. `depthwise_forward`,
+`depthwise_input_grad` and `depthwise_weight_grad` are a float32 depthwise convolution (any channels, strides,
+padding and dilation) and its gradients, which fcnjax.ops.depthwise uses.
 """
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ WINOGRAD_MIN_IN_CHANNELS = 32
 CHANNEL_MULTIPLE = 16  # output channels come in 16-float vectors
 # XLA custom-call target -> the library's FFI handler.
 _FFI_HANDLERS = {"fcnjax_conv_forward": "ConvForward", "fcnjax_conv_weight_grad": "ConvWeightGrad",
-                 "fcnjax_depthwise_forward": "DepthwiseForward", "fcnjax_depthwise_weight_grad": "DepthwiseWeightGrad"}
+                 "fcnjax_depthwise_forward": "DepthwiseForward", "fcnjax_depthwise_input_grad": "DepthwiseInputGrad",
+                 "fcnjax_depthwise_weight_grad": "DepthwiseWeightGrad"}
 
 
 def _compiler_flags() -> tuple[str, ...]:
@@ -282,6 +283,14 @@ def _depthwise_forward_call(x, kernel, strides, pads, dilation):
               dil_w=np.int64(dilation[1]), stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]))
 
 
+def _depthwise_input_grad_call(dy, kernel, x_shape, strides, pads, dilation):
+  _require_loaded()
+  (top, _), (left, _) = pads
+  call = jax.ffi.ffi_call("fcnjax_depthwise_input_grad", jax.ShapeDtypeStruct((dy.shape[0], *x_shape[1:]), dy.dtype))
+  return call(dy, kernel, pad_top=np.int64(top), pad_left=np.int64(left), dil_h=np.int64(dilation[0]),
+              dil_w=np.int64(dilation[1]), stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]))
+
+
 def _depthwise_weight_grad_call(x, dy, kernel_shape, strides, pads, dilation):
   _require_loaded()
   (top, _), (left, _) = pads
@@ -314,6 +323,11 @@ _partitioned_forward.def_partition(_forward_partition, sharding_rule="n h w c, i
                            need_replication_factors=("h", "w", "c", "i", "j", "o", "p", "q"))
 
 
+def _all_but_batch(sharding_rule: str) -> tuple[str, ...]:
+  """Every factor of a sharding rule but the batch's ("n"), in the order the rule names them (Shardy's order)."""
+  return tuple(f for f in dict.fromkeys(sharding_rule.replace(",", " ").replace("->", " ").split()) if f != "n")
+
+
 def _partitioned_by_batch_sum(call, sharding_rule: str):
   """call(x, dy, params) for a weight gradient (a sum over the batch): each device sums its own images, then the
   sums are all-reduced. `params` (static) are the call's remaining arguments."""
@@ -333,27 +347,32 @@ def _partitioned_by_batch_sum(call, sharding_rule: str):
 
     return mesh, per_device, NamedSharding(mesh, PartitionSpec()), (by_batch, by_batch)
 
-  # Every factor but the batch's, in the order the rule names them (the order Shardy requires).
-  factors = [f for f in dict.fromkeys(sharding_rule.replace(",", " ").replace("->", " ").split()) if f != "n"]
   partitioned.def_partition(partition, sharding_rule=sharding_rule, reduction_factors=("n",),
-                            need_replication_factors=tuple(factors))
+                            need_replication_factors=_all_but_batch(sharding_rule))
   return partitioned
 
 
-@functools.partial(custom_partitioning, static_argnums=(2,))
-def _partitioned_depthwise_forward(x, kernel, params):
-  return _depthwise_forward_call(x, kernel, *params)
+def _partitioned_by_batch(call, sharding_rule: str):
+  """call(images, kernel, params) per image (a depthwise forward pass or input gradient): each device computes its
+  own images with the whole kernel. `params` (static) are the call's remaining arguments."""
+
+  @functools.partial(custom_partitioning, static_argnums=(2,))
+  def partitioned(images, kernel, params):
+    return call(images, kernel, *params)
+
+  def partition(params, mesh, arg_shapes, result_shape):
+    del result_shape
+    by_batch = NamedSharding(mesh, PartitionSpec(_batch_axes(arg_shapes[0].sharding)))
+    return (mesh, lambda images, kernel: call(images, kernel, *params), by_batch,
+            (by_batch, NamedSharding(mesh, PartitionSpec())))
+
+  partitioned.def_partition(partition, sharding_rule=sharding_rule,
+                            need_replication_factors=_all_but_batch(sharding_rule))
+  return partitioned
 
 
-def _depthwise_forward_partition(params, mesh, arg_shapes, result_shape):
-  del result_shape
-  by_batch = NamedSharding(mesh, PartitionSpec(_batch_axes(arg_shapes[0].sharding)))
-  return (mesh, lambda x, kernel: _depthwise_forward_call(x, kernel, *params), by_batch,
-          (by_batch, NamedSharding(mesh, PartitionSpec())))
-
-
-_partitioned_depthwise_forward.def_partition(_depthwise_forward_partition, sharding_rule="n h w c, i j k c -> n p q c",
-                                             need_replication_factors=("h", "w", "c", "i", "j", "k", "p", "q"))
+_partitioned_depthwise_forward = _partitioned_by_batch(_depthwise_forward_call, "n h w c, i j k c -> n p q c")
+_partitioned_depthwise_input_grad = _partitioned_by_batch(_depthwise_input_grad_call, "n p q c, i j k c -> n h w c")
 
 _partitioned_weight_grad = _partitioned_by_batch_sum(_weight_grad_call, "n h w c, n p q o -> i j c o")
 _partitioned_depthwise_weight_grad = _partitioned_by_batch_sum(_depthwise_weight_grad_call,
@@ -399,6 +418,13 @@ def _vmappable_depthwise_forward(strides, pads, dilation):
 
 
 @functools.cache
+def _vmappable_depthwise_input_grad(x_shape, strides, pads, dilation):
+  return _with_vmap_rule(
+      lambda dy, kernel: _partitioned_depthwise_input_grad(dy, kernel, (x_shape, strides, pads, dilation)),
+      fold_images=True)
+
+
+@functools.cache
 def _vmappable_depthwise_weight_grad(kernel_shape, strides, pads, dilation):
   return _with_vmap_rule(
       lambda x, dy: _partitioned_depthwise_weight_grad(x, dy, (kernel_shape, strides, pads, dilation)),
@@ -430,3 +456,9 @@ def depthwise_forward(x: jax.Array, kernel: jax.Array, strides, pads, dilation) 
   """The depthwise convolution of x (n, h, w, c) with kernel (kh, kw, 1, c) at `strides`, pads ((top, bottom),
   (left, right); >= 0) and `dilation`; float32."""
   return _vmappable_depthwise_forward(tuple(strides), tuple(map(tuple, pads)), tuple(dilation))(x, kernel)
+
+
+def depthwise_input_grad(dy: jax.Array, kernel: jax.Array, x_shape, strides, pads, dilation) -> jax.Array:
+  """d(loss)/d(x) of depthwise_forward(x, kernel, strides, pads, dilation) for an x of x_shape, given dy; float32."""
+  return _vmappable_depthwise_input_grad(tuple(x_shape), tuple(strides), tuple(map(tuple, pads)),
+                                         tuple(dilation))(dy, kernel)

@@ -6,8 +6,9 @@
 //   kernel turned by 180 degrees and its channel axes swapped (pack_kernel). With winograd_chunk_bytes > 0, a 3x3
 //   kernel's convolution by Winograd's F(2x2, 3x3) instead (winograd_forward): 2.25x fewer multiply-adds.
 // - ConvWeightGrad: d(kernel) = sum over output pixels of x(tap) outer dy.
-// - DepthwiseForward, DepthwiseWeightGrad: a depthwise convolution (one channel per group, any stride) and its
-//   d(kernel), which XLA:CPU computes as a column reduction per tap, 2-19x slower than PyTorch (docs/performance.md).
+// - DepthwiseForward, DepthwiseInputGrad, DepthwiseWeightGrad: a depthwise convolution (one channel per group, any
+//   stride) and its gradients; XLA:CPU runs these as generic loops or per-tap sums 2-100x slower than PyTorch
+//   (docs/performance.md).
 // Both keep a block of results in vector registers and stream the other operands past it, the way oneDNN's direct
 // kernels do; XLA:CPU's own convolution runs these layers at 60-90% of PyTorch's speed (docs/performance.md). The
 // vector type is GCC's generic one, so the file builds for any x86/ARM target; -march=native picks the units. The
@@ -683,6 +684,79 @@ void depthwise_forward(ffi::ThreadPool& pool, const DepthwiseGeometry& g, const 
   });
 }
 
+// dx for PW input pixels from ix0 of input row `row` (over n x h) and channels [c0, c0 + V * kLanes): the sum over
+// the taps (i, j) that carried this pixel to an output pixel (oy, ox) of dy(oy, ox) times the tap's weights. With a
+// stride, only every stride-th tap offset lands on an output pixel; the others, and taps outside dy, read `zeros`.
+template <int V, int PW>
+inline void depthwise_input_grad_block(const DepthwiseGeometry& g, const float* dy, const float* kernel,
+                                       const float* zeros, float* dx, int64_t row, int64_t ix0, int64_t c0) {
+  int64_t b = row / g.h, iy = row % g.h;
+  int64_t pixels = std::min<int64_t>(PW, g.w - ix0);
+  vec acc[PW][V] = {};
+  for (int64_t i = 0; i < g.kh; ++i) {
+    int64_t ty = iy + g.pad_top - i * g.dil_h;
+    if (ty < 0 || ty % g.stride_h || ty / g.stride_h >= g.oh) continue;
+    const float* dy_row = dy + (b * g.oh + ty / g.stride_h) * g.ow * g.c + c0;
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const float* dp[PW];
+      bool any = false;
+      for (int p = 0; p < PW; ++p) {
+        int64_t tx = ix0 + p + g.pad_left - j * g.dil_w;
+        bool valid = p < pixels && tx >= 0 && tx % g.stride_w == 0 && tx / g.stride_w < g.ow;
+        dp[p] = valid ? dy_row + tx / g.stride_w * g.c : zeros;
+        any |= valid;
+      }
+      if (!any) continue;
+      vec wv[V];
+      for (int v = 0; v < V; ++v) wv[v] = load(kernel + (i * g.kw + j) * g.c + c0 + v * kLanes);
+      for (int p = 0; p < PW; ++p)
+        for (int v = 0; v < V; ++v) acc[p][v] += load(dp[p] + v * kLanes) * wv[v];
+    }
+  }
+  float* dx_row = dx + (row * g.w + ix0) * g.c + c0;
+  for (int p = 0; p < pixels; ++p)
+    for (int v = 0; v < V; ++v) store(dx_row + p * g.c + v * kLanes, acc[p][v]);
+}
+
+// Channels [c0, c1), fewer than a vector, one at a time, for every pixel of input row `row`.
+void depthwise_input_grad_tail(const DepthwiseGeometry& g, const float* dy, const float* kernel, float* dx,
+                               int64_t row, int64_t c0, int64_t c1) {
+  int64_t b = row / g.h, iy = row % g.h;
+  for (int64_t ix = 0; ix < g.w; ++ix) {
+    float* dp = dx + (row * g.w + ix) * g.c;
+    for (int64_t c = c0; c < c1; ++c) dp[c] = 0.f;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      int64_t ty = iy + g.pad_top - i * g.dil_h;
+      if (ty < 0 || ty % g.stride_h || ty / g.stride_h >= g.oh) continue;
+      for (int64_t j = 0; j < g.kw; ++j) {
+        int64_t tx = ix + g.pad_left - j * g.dil_w;
+        if (tx < 0 || tx % g.stride_w || tx / g.stride_w >= g.ow) continue;
+        const float* src = dy + ((b * g.oh + ty / g.stride_h) * g.ow + tx / g.stride_w) * g.c;
+        const float* kp = kernel + (i * g.kw + j) * g.c;
+        for (int64_t c = c0; c < c1; ++c) dp[c] += src[c] * kp[c];
+      }
+    }
+  }
+}
+
+// d(input) of a depthwise convolution: tasks of input rows, each in blocks of pixels and channels.
+void depthwise_input_grad(ffi::ThreadPool& pool, const DepthwiseGeometry& g, const float* dy, const float* kernel,
+                          float* dx) {
+  constexpr int PW = kLanes == 16 ? 4 : 3, PW1 = kLanes == 16 ? 6 : 4;  // as depthwise_forward
+  std::vector<float> zeros(kBlockChannels, 0.f);
+  int64_t rows = g.n * g.h, whole = g.c / kBlockChannels * kBlockChannels;
+  parallel_for(pool, rows, [&](int64_t row) {
+    for (int64_t c0 = 0; c0 < whole; c0 += kBlockChannels)
+      for (int64_t ix0 = 0; ix0 < g.w; ix0 += PW)
+        depthwise_input_grad_block<kVectors, PW>(g, dy, kernel, zeros.data(), dx, row, ix0, c0);
+    for (int64_t c0 = whole; c0 + kLanes <= g.c; c0 += kLanes)
+      for (int64_t ix0 = 0; ix0 < g.w; ix0 += PW1)
+        depthwise_input_grad_block<1, PW1>(g, dy, kernel, zeros.data(), dx, row, ix0, c0);
+    int64_t tail = g.c / kLanes * kLanes;
+    if (tail < g.c) depthwise_input_grad_tail(g, dy, kernel, dx, row, tail, g.c);
+  });
+}
+
 // acc[(i, j), c0 .. c0 + V * kLanes) += sum over the output pixels of row `row` of x(tap (i, j)) * dy: for each tap
 // row i, kw passes over the row's pixels, V vectors of accumulators in registers. Taps that read padding add nothing
 // and are skipped (the columns a tap reads inside the row are [lo, hi)).
@@ -868,6 +942,32 @@ static ffi::Error DepthwiseForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F3
   return ffi::Error::Success();
 }
 
+static ffi::Error DepthwiseInputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel,
+                                         ffi::ResultBuffer<ffi::F32> dx, int64_t pad_top, int64_t pad_left,
+                                         int64_t dil_h, int64_t dil_w, int64_t stride_h, int64_t stride_w) {
+  auto dyd = dy.dimensions(), kd = kernel.dimensions(), xd = dx->dimensions();
+  if (xd.size() != 4 || kd.size() != 4 || dyd.size() != 4 || kd[2] != 1 || kd[3] != xd[3] || dyd[3] != xd[3] ||
+      dyd[0] != xd[0] || stride_h < 1 || stride_w < 1)
+    return ffi::Error::InvalidArgument("fcnjax DepthwiseInputGrad: needs dy (n,oh,ow,c), kernel (kh,kw,1,c), "
+                                       "d(input) (n,h,w,c), strides >= 1");
+  if (stride_h == 1 && stride_w == 1) {
+    // Without a stride, d(input) is the forward convolution of dy with the kernel turned by 180 degrees and the
+    // padding mirrored: the forward kernel, without the gather's per-tap index arithmetic (1.5-2x faster).
+    int64_t taps = kd[0] * kd[1], c = kd[3];
+    Scratch flipped(taps * c);
+    for (int64_t t = 0; t < taps; ++t)
+      std::memcpy(flipped.data() + t * c, kernel.typed_data() + (taps - 1 - t) * c, c * sizeof(float));
+    DepthwiseGeometry g{dyd[0], dyd[1], dyd[2], c, kd[0], kd[1], xd[1], xd[2], 1, 1,
+                        (kd[0] - 1) * dil_h - pad_top, (kd[1] - 1) * dil_w - pad_left, dil_h, dil_w};
+    depthwise_forward(pool, g, dy.typed_data(), flipped.data(), dx->typed_data());
+    return ffi::Error::Success();
+  }
+  DepthwiseGeometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], dyd[1], dyd[2], stride_h, stride_w, pad_top,
+                      pad_left, dil_h, dil_w};
+  depthwise_input_grad(pool, g, dy.typed_data(), kernel.typed_data(), dx->typed_data());
+  return ffi::Error::Success();
+}
+
 // The calls take XLA's thread pool, two float32 operands and one result, and the window's padding and dilation.
 static auto WindowCallBinding() {
   return ffi::Ffi::Bind()
@@ -900,4 +1000,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseWeightGrad, DepthwiseWeightGradImpl,
                               WindowCallBinding().Attr<int64_t>("stride_h").Attr<int64_t>("stride_w"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseForward, DepthwiseForwardImpl,
+                              WindowCallBinding().Attr<int64_t>("stride_h").Attr<int64_t>("stride_w"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseInputGrad, DepthwiseInputGradImpl,
                               WindowCallBinding().Attr<int64_t>("stride_h").Attr<int64_t>("stride_w"));
