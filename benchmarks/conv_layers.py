@@ -16,7 +16,6 @@ names in `cpu_forms` ("forward", "input_grad", "weight_grad").
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -32,16 +31,6 @@ CASES = [(0, 224, 3, 64, 3, 1, 1), (0, 224, 64, 64, 3, 1, 1), (0, 224, 128, 64, 
          (0, 112, 128, 128, 3, 2, 1), (0, 224, 3, 64, 7, 2, 3), (0, 56, 64, 256, 1, 1, 0), (0, 56, 256, 128, 1, 2, 0),
          (0, 28, 1024, 2048, 1, 1, 0), (0, 28, 2048, 512, 3, 1, 1), (0, 14, 512, 4096, 7, 1, 0),
          (0, 8, 4096, 4096, 1, 1, 0), (16, 64, 16, 16, 3, 1, 1), (16, 64, 32, 16, 3, 1, 1)]
-
-
-def _median_ms(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
 
 
 def _parts(x, kernel, strides, pads):
@@ -93,7 +82,7 @@ def main():
     cells = []
     for part, (xla, fcnjax, inputs, form) in _parts(x, kernel, (stride, stride), ((pad, pad), (pad, pad))).items():
       xla = jax.jit(xla)
-      row[part] = {"xla_ms": _median_ms(xla, *inputs, repeats=args.repeats), "form": form}
+      row[part] = {"xla_ms": harness.median_ms(xla, *inputs, repeats=args.repeats), "form": form}
       if fcnjax is None:
         cells.append(f"{row[part]['xla_ms']:.1f} / =")
         continue
@@ -101,7 +90,7 @@ def main():
       reference, result = np.asarray(xla(*inputs)), np.asarray(fcnjax(*inputs))
       row["relative_diff"] = max(row["relative_diff"],
                                  float(np.max(np.abs(result - reference)) / np.max(np.abs(reference))))
-      row[part]["fcnjax_ms"] = _median_ms(fcnjax, *inputs, repeats=args.repeats)
+      row[part]["fcnjax_ms"] = harness.median_ms(fcnjax, *inputs, repeats=args.repeats)
       cells.append(f"{row[part]['xla_ms']:.1f} / {row[part]['fcnjax_ms']:.1f} {form}")
     rows.append(row)
     print(f"| {batch} | {size} | {cin} -> {cout} | {k}/{stride} | {' | '.join(cells)} | {row['relative_diff']:.1e} |",

@@ -7,14 +7,14 @@ Layers: every distinct depthwise layer of lraspp_mobilenet_v3_large / deeplabv3_
 (MobileNetV3-Large's 3x3 and 5x5 layers, strided, and the last stage's dilation 2 at output stride 16), and
 smp DeepLabV3+'s separable convolutions on a resnet34 encoder at 224x224 (the ASPP's rates 12/24/36 on a 14x14 map,
 the decoder's 3x3 at 56x56). Each part (forward, input gradient, weight gradient) is jitted alone for XLA and fcnjax
-and run as torch.autograd computes it for PyTorch (eager, --threads threads for both); median ms of --repeats after
-a warm-up. The last column is fcnjax's largest difference from XLA's, relative to XLA's largest value.
+and run alone for PyTorch as its autograd computes it (harness.torch_conv_parts: a gradient without the forward
+pass; eager, --threads threads for both); median ms of --repeats after a warm-up. The last column is fcnjax's
+largest difference from XLA's, relative to XLA's largest value.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -30,16 +30,6 @@ CASES = [(112, 16, 3, 1, 1), (112, 64, 3, 2, 1), (56, 72, 3, 1, 1), (56, 72, 5, 
          (14, 960, 5, 1, 2), (14, 512, 3, 1, 12), (14, 512, 3, 1, 24), (14, 512, 3, 1, 36), (56, 304, 3, 1, 1)]
 
 
-def _median_ms(fn, *args, repeats: int) -> float:
-  fn(*args)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn(*args)
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
-
-
 def _jax_parts(conv_fn, x, kernel, dy):
   """{part: (jitted function, its arguments)} for a convolution function of (x, kernel)."""
   forward = jax.jit(conv_fn)
@@ -47,29 +37,6 @@ def _jax_parts(conv_fn, x, kernel, dy):
   weight_grad = jax.jit(lambda x, dy: jax.vjp(lambda k: conv_fn(x, k), kernel)[1](dy)[0])
   return {"forward": (forward, (x, kernel)), "input_grad": (input_grad, (dy, kernel)),
           "weight_grad": (weight_grad, (x, dy))}
-
-
-def _torch_parts(x, kernel, dy, stride, pad, dilation):
-  import torch  # pylint: disable=g-import-not-at-top
-  xt = torch.tensor(np.transpose(np.asarray(x), (0, 3, 1, 2))).requires_grad_()
-  kt = torch.tensor(np.transpose(np.asarray(kernel), (3, 2, 0, 1))).requires_grad_()
-  dyt = torch.tensor(np.transpose(np.asarray(dy), (0, 3, 1, 2)))
-  groups = xt.shape[1]
-
-  def conv(x, k):
-    return torch.nn.functional.conv2d(x, k, stride=stride, padding=pad, dilation=dilation, groups=groups)
-
-  def forward():
-    with torch.no_grad():
-      return conv(xt, kt)
-
-  def input_grad():
-    return torch.autograd.grad(conv(xt, kt.detach()), xt, dyt)[0]
-
-  def weight_grad():
-    return torch.autograd.grad(conv(xt.detach(), kt), kt, dyt)[0]
-
-  return {"forward": forward, "input_grad": input_grad, "weight_grad": weight_grad}
 
 
 def main():
@@ -101,18 +68,17 @@ def main():
 
     dy = jnp.asarray(rng.standard_normal(jax.eval_shape(xla_conv, x, kernel).shape), jnp.float32)
     xla_parts, taps_parts = _jax_parts(xla_conv, x, kernel, dy), _jax_parts(taps_conv, x, kernel, dy)
-    torch_parts = _torch_parts(x, kernel, dy, stride, pad, dilation)
+    torch_parts = harness.torch_conv_parts(x, kernel, dy, strides, pads, dilations, groups=channels)
     row = dict(size=size, channels=channels, kernel=k, stride=stride, dilation=dilation, relative_diff=0.0)
     cells = []
     for part, (xla_fn, inputs) in xla_parts.items():
       taps_fn = taps_parts[part][0]
-      block = lambda fn: (lambda *a: jax.block_until_ready(fn(*a)))  # noqa: E731
       reference, result = np.asarray(xla_fn(*inputs)), np.asarray(taps_fn(*inputs))
       row["relative_diff"] = max(row["relative_diff"],
                                  float(np.max(np.abs(result - reference)) / np.max(np.abs(reference))))
-      row[part] = {"xla_ms": _median_ms(block(xla_fn), *inputs, repeats=args.repeats),
-                   "fcnjax_ms": _median_ms(block(taps_fn), *inputs, repeats=args.repeats),
-                   "torch_ms": _median_ms(torch_parts[part], repeats=args.repeats)}
+      row[part] = {"xla_ms": harness.median_ms(xla_fn, *inputs, repeats=args.repeats),
+                   "fcnjax_ms": harness.median_ms(taps_fn, *inputs, repeats=args.repeats),
+                   "torch_ms": harness.median_ms(torch_parts[part], repeats=args.repeats)}
       cells.append("{xla_ms:.2f} / {fcnjax_ms:.2f} / {torch_ms:.2f}".format(**row[part]))
     rows.append(row)
     print(f"| {size} | {channels} | {k}/{stride}/{dilation} | {' | '.join(cells)} | {row['relative_diff']:.1e} |",

@@ -96,6 +96,46 @@ def timed(fn: Callable[[], object]) -> tuple[object, float]:
   return result, time.perf_counter() - start
 
 
+def median_ms(fn: Callable[..., object], *args, repeats: int) -> float:
+  """Median milliseconds of fn(*args) over `repeats` calls after one warm-up call; jax results are waited for."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times)
+
+
+def torch_conv_parts(x, kernel, dy, strides, pads, dilation, groups: int = 1) -> dict[str, Callable[[], object]]:
+  """PyTorch's three parts of a convolution of NHWC x with an HWIO kernel (numpy), for dy of the output: the forward
+  pass, and the input and weight gradients alone as autograd computes them (aten.convolution_backward with one
+  output each, no forward pass). Asymmetric padding is applied to x beforehand (torch pads symmetrically)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  (top, bottom), (left, right) = pads
+  xt = torch.tensor(np.transpose(np.asarray(x), (0, 3, 1, 2)))
+  if (top, left) != (bottom, right):
+    xt = torch.nn.functional.pad(xt, (left, right, top, bottom))
+    top = left = 0
+  kt = torch.tensor(np.transpose(np.asarray(kernel), (3, 2, 0, 1)))
+  dyt = torch.tensor(np.transpose(np.asarray(dy), (0, 3, 1, 2)))
+  geometry = dict(stride=list(strides), padding=[top, left], dilation=list(dilation))
+
+  def backward(mask):
+    return torch.ops.aten.convolution_backward(dyt, xt, kt, None, geometry["stride"], geometry["padding"],
+                                               geometry["dilation"], False, [0, 0], groups, mask)
+
+  def forward():
+    with torch.no_grad():
+      return torch.nn.functional.conv2d(xt, kt, stride=strides, padding=(top, left), dilation=dilation,
+                                        groups=groups)
+
+  return {"forward": forward, "input_grad": lambda: backward([True, False, False])[0],
+          "weight_grad": lambda: backward([False, True, False])[1]}
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Device peaks
 
