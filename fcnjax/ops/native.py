@@ -42,6 +42,8 @@ from jax import custom_batching
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
+from fcnjax.ops import windows
+
 SOURCE = pathlib.Path(__file__).with_name("native_conv.cc")
 COMPILER_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 # Tiling (figures from benchmarks/conv_layers.py, batch 2):
@@ -245,15 +247,12 @@ def supports_winograd(kernel_shape, flip: bool = False) -> bool:
 
 def _forward_call(x, kernel, pads, dilation, flip, by_winograd):
   _require_loaded()
-  n, h, w, _ = x.shape
-  kh, kw = kernel.shape[:2]
   cout = kernel.shape[2 if flip else 3]
-  (top, bottom), (left, right) = pads
-  out_h = h + top + bottom - (kh - 1) * dilation[0]
-  out_w = w + left + right - (kw - 1) * dilation[1]
+  (top, _), (left, _) = pads
+  out_h, out_w = windows.out_hw(x.shape[1:3], kernel.shape[:2], (1, 1), pads, dilation)
   if by_winograd and not supports_winograd(kernel.shape, flip):
     raise ValueError(f"fcnjax.ops.native: Winograd's F(2x2, 3x3) does not take a {kernel.shape} kernel (flip={flip})")
-  call = jax.ffi.ffi_call("fcnjax_conv_forward", jax.ShapeDtypeStruct((n, out_h, out_w, cout), x.dtype))
+  call = jax.ffi.ffi_call("fcnjax_conv_forward", jax.ShapeDtypeStruct((x.shape[0], out_h, out_w, cout), x.dtype))
   return call(x, kernel, pad_top=np.int64(top), pad_left=np.int64(left), dil_h=np.int64(dilation[0]),
               dil_w=np.int64(dilation[1]), flip=np.int64(flip),
               panel_bytes=np.int64(WINOGRAD_PANEL_BYTES if by_winograd else FORWARD_PANEL_BYTES),
@@ -271,32 +270,28 @@ def _weight_grad_call(x, dy, kernel_shape, pads, dilation):
               dil_w=np.int64(dilation[1]), block_bytes=np.int64(WEIGHT_GRAD_BLOCK_BYTES))
 
 
-def _depthwise_forward_call(x, kernel, strides, pads, dilation):
+def _depthwise_call(target: str, a, b, result_shape, strides, pads, dilation):
+  """One of the depthwise kernels on operands a, b: the window's attributes are the same for all three."""
   _require_loaded()
-  (top, bottom), (left, right) = pads
-  kh, kw = kernel.shape[:2]
-  out_h = (x.shape[1] + top + bottom - (kh - 1) * dilation[0] - 1) // strides[0] + 1
-  out_w = (x.shape[2] + left + right - (kw - 1) * dilation[1] - 1) // strides[1] + 1
-  call = jax.ffi.ffi_call("fcnjax_depthwise_forward",
-                          jax.ShapeDtypeStruct((x.shape[0], out_h, out_w, x.shape[3]), x.dtype))
-  return call(x, kernel, pad_top=np.int64(top), pad_left=np.int64(left), dil_h=np.int64(dilation[0]),
+  (top, _), (left, _) = pads
+  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(tuple(result_shape), a.dtype))
+  return call(a, b, pad_top=np.int64(top), pad_left=np.int64(left), dil_h=np.int64(dilation[0]),
               dil_w=np.int64(dilation[1]), stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]))
+
+
+def _depthwise_forward_call(x, kernel, strides, pads, dilation):
+  out_hw = windows.out_hw(x.shape[1:3], kernel.shape[:2], strides, pads, dilation)
+  return _depthwise_call("fcnjax_depthwise_forward", x, kernel, (x.shape[0], *out_hw, x.shape[3]), strides, pads,
+                         dilation)
 
 
 def _depthwise_input_grad_call(dy, kernel, x_shape, strides, pads, dilation):
-  _require_loaded()
-  (top, _), (left, _) = pads
-  call = jax.ffi.ffi_call("fcnjax_depthwise_input_grad", jax.ShapeDtypeStruct((dy.shape[0], *x_shape[1:]), dy.dtype))
-  return call(dy, kernel, pad_top=np.int64(top), pad_left=np.int64(left), dil_h=np.int64(dilation[0]),
-              dil_w=np.int64(dilation[1]), stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]))
+  return _depthwise_call("fcnjax_depthwise_input_grad", dy, kernel, (dy.shape[0], *x_shape[1:]), strides, pads,
+                         dilation)
 
 
 def _depthwise_weight_grad_call(x, dy, kernel_shape, strides, pads, dilation):
-  _require_loaded()
-  (top, _), (left, _) = pads
-  call = jax.ffi.ffi_call("fcnjax_depthwise_weight_grad", jax.ShapeDtypeStruct(tuple(kernel_shape), x.dtype))
-  return call(x, dy, pad_top=np.int64(top), pad_left=np.int64(left), dil_h=np.int64(dilation[0]),
-              dil_w=np.int64(dilation[1]), stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]))
+  return _depthwise_call("fcnjax_depthwise_weight_grad", x, dy, kernel_shape, strides, pads, dilation)
 
 
 # Data parallelism: XLA does not know how to split a custom call, and would gather the whole batch onto every

@@ -22,6 +22,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -664,24 +665,37 @@ void depthwise_forward_tail(const DepthwiseGeometry& g, const float* x, const fl
   }
 }
 
+// One task per row of `rows` rows of `width` pixels and `channels` channels: block(V, PW, row, p0, c0) for blocks of
+// PW pixels x V vectors of channels (V and PW as std::integral_constant) -- PW x V accumulators, V weights and one
+// input vector in registers: 4 x 4 (AVX-512) or 3 x 2 (AVX2) for whole kBlockChannels, 6 or 4 pixels for single
+// vectors -- then tail(row, c0) for the channels past the last whole vector.
+template <int N>
+using Int = std::integral_constant<int, N>;
+
+template <typename Block, typename Tail>
+void depthwise_rows(ffi::ThreadPool& pool, int64_t rows, int64_t width, int64_t channels, const Block& block,
+                    const Tail& tail) {
+  constexpr int PW = kLanes == 16 ? 4 : 3, PW1 = kLanes == 16 ? 6 : 4;
+  int64_t whole = channels / kBlockChannels * kBlockChannels, vectors = channels / kLanes * kLanes;
+  parallel_for(pool, rows, [&](int64_t row) {
+    for (int64_t c0 = 0; c0 < whole; c0 += kBlockChannels)
+      for (int64_t p0 = 0; p0 < width; p0 += PW) block(Int<kVectors>(), Int<PW>(), row, p0, c0);
+    for (int64_t c0 = whole; c0 < vectors; c0 += kLanes)
+      for (int64_t p0 = 0; p0 < width; p0 += PW1) block(Int<1>(), Int<PW1>(), row, p0, c0);
+    if (vectors < channels) tail(row, vectors);
+  });
+}
+
 // The depthwise convolution y = x * kernel: tasks of output rows, each row in blocks of pixels and channels.
 void depthwise_forward(ffi::ThreadPool& pool, const DepthwiseGeometry& g, const float* x, const float* kernel,
                        float* y) {
-  // PW x V accumulators, V weights and one x in registers: 4 x 4 (AVX-512) or 3 x 2 (AVX2) for whole blocks, 8
-  // pixels for single vectors.
-  constexpr int PW = kLanes == 16 ? 4 : 3, PW1 = kLanes == 16 ? 6 : 4;
   std::vector<float> zeros(kBlockChannels, 0.f);
-  int64_t rows = g.n * g.oh, whole = g.c / kBlockChannels * kBlockChannels;
-  parallel_for(pool, rows, [&](int64_t row) {
-    for (int64_t c0 = 0; c0 < whole; c0 += kBlockChannels)
-      for (int64_t ox0 = 0; ox0 < g.ow; ox0 += PW)
-        depthwise_forward_block<kVectors, PW>(g, x, kernel, zeros.data(), y, row, ox0, c0);
-    for (int64_t c0 = whole; c0 + kLanes <= g.c; c0 += kLanes)
-      for (int64_t ox0 = 0; ox0 < g.ow; ox0 += PW1)
-        depthwise_forward_block<1, PW1>(g, x, kernel, zeros.data(), y, row, ox0, c0);
-    int64_t tail = g.c / kLanes * kLanes;
-    if (tail < g.c) depthwise_forward_tail(g, x, kernel, y, row, tail, g.c);
-  });
+  depthwise_rows(
+      pool, g.n * g.oh, g.ow, g.c,
+      [&](auto v, auto pw, int64_t row, int64_t ox0, int64_t c0) {
+        depthwise_forward_block<decltype(v)::value, decltype(pw)::value>(g, x, kernel, zeros.data(), y, row, ox0, c0);
+      },
+      [&](int64_t row, int64_t c0) { depthwise_forward_tail(g, x, kernel, y, row, c0, g.c); });
 }
 
 // dx for PW input pixels from ix0 of input row `row` (over n x h) and channels [c0, c0 + V * kLanes): the sum over
@@ -742,19 +756,14 @@ void depthwise_input_grad_tail(const DepthwiseGeometry& g, const float* dy, cons
 // d(input) of a depthwise convolution: tasks of input rows, each in blocks of pixels and channels.
 void depthwise_input_grad(ffi::ThreadPool& pool, const DepthwiseGeometry& g, const float* dy, const float* kernel,
                           float* dx) {
-  constexpr int PW = kLanes == 16 ? 4 : 3, PW1 = kLanes == 16 ? 6 : 4;  // as depthwise_forward
   std::vector<float> zeros(kBlockChannels, 0.f);
-  int64_t rows = g.n * g.h, whole = g.c / kBlockChannels * kBlockChannels;
-  parallel_for(pool, rows, [&](int64_t row) {
-    for (int64_t c0 = 0; c0 < whole; c0 += kBlockChannels)
-      for (int64_t ix0 = 0; ix0 < g.w; ix0 += PW)
-        depthwise_input_grad_block<kVectors, PW>(g, dy, kernel, zeros.data(), dx, row, ix0, c0);
-    for (int64_t c0 = whole; c0 + kLanes <= g.c; c0 += kLanes)
-      for (int64_t ix0 = 0; ix0 < g.w; ix0 += PW1)
-        depthwise_input_grad_block<1, PW1>(g, dy, kernel, zeros.data(), dx, row, ix0, c0);
-    int64_t tail = g.c / kLanes * kLanes;
-    if (tail < g.c) depthwise_input_grad_tail(g, dy, kernel, dx, row, tail, g.c);
-  });
+  depthwise_rows(
+      pool, g.n * g.h, g.w, g.c,
+      [&](auto v, auto pw, int64_t row, int64_t ix0, int64_t c0) {
+        depthwise_input_grad_block<decltype(v)::value, decltype(pw)::value>(g, dy, kernel, zeros.data(), dx, row,
+                                                                           ix0, c0);
+      },
+      [&](int64_t row, int64_t c0) { depthwise_input_grad_tail(g, dy, kernel, dx, row, c0, g.c); });
 }
 
 // acc[(i, j), c0 .. c0 + V * kLanes) += sum over the output pixels of row `row` of x(tap (i, j)) * dy: for each tap
@@ -914,16 +923,27 @@ static ffi::Error ConvWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32>
   return ffi::Error::Success();
 }
 
+// The geometry of a depthwise convolution from the dimensions of its image (n, h, w, c), kernel (kh, kw, 1, c) and
+// output (n, oh, ow, c), and its window; false when they do not fit together.
+template <typename Dims>
+bool depthwise_geometry(const Dims& image, const Dims& kernel, const Dims& out, int64_t pad_top, int64_t pad_left,
+                        int64_t dil_h, int64_t dil_w, int64_t stride_h, int64_t stride_w, DepthwiseGeometry& g) {
+  if (image.size() != 4 || kernel.size() != 4 || out.size() != 4 || kernel[2] != 1 || kernel[3] != image[3] ||
+      out[3] != image[3] || out[0] != image[0] || stride_h < 1 || stride_w < 1)
+    return false;
+  g = {image[0], image[1], image[2], image[3], kernel[0], kernel[1], out[1], out[2], stride_h, stride_w, pad_top,
+       pad_left, dil_h, dil_w};
+  return true;
+}
+
 static ffi::Error DepthwiseWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                                           ffi::ResultBuffer<ffi::F32> dk, int64_t pad_top, int64_t pad_left,
                                           int64_t dil_h, int64_t dil_w, int64_t stride_h, int64_t stride_w) {
-  auto xd = x.dimensions(), dyd = dy.dimensions(), kd = dk->dimensions();
-  if (xd.size() != 4 || dyd.size() != 4 || kd.size() != 4 || kd[2] != 1 || kd[3] != xd[3] || dyd[3] != xd[3] ||
-      dyd[0] != xd[0] || stride_h < 1 || stride_w < 1)
+  DepthwiseGeometry g;
+  if (!depthwise_geometry(x.dimensions(), dk->dimensions(), dy.dimensions(), pad_top, pad_left, dil_h, dil_w,
+                          stride_h, stride_w, g))
     return ffi::Error::InvalidArgument("fcnjax DepthwiseWeightGrad: needs x (n,h,w,c), dy (n,oh,ow,c), d(kernel) "
                                        "(kh,kw,1,c), strides >= 1");
-  DepthwiseGeometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], dyd[1], dyd[2], stride_h, stride_w, pad_top,
-                      pad_left, dil_h, dil_w};
   depthwise_weight_grad(pool, g, x.typed_data(), dy.typed_data(), dk->typed_data());
   return ffi::Error::Success();
 }
@@ -931,13 +951,11 @@ static ffi::Error DepthwiseWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi:
 static ffi::Error DepthwiseForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                                        ffi::ResultBuffer<ffi::F32> y, int64_t pad_top, int64_t pad_left,
                                        int64_t dil_h, int64_t dil_w, int64_t stride_h, int64_t stride_w) {
-  auto xd = x.dimensions(), kd = kernel.dimensions(), yd = y->dimensions();
-  if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4 || kd[2] != 1 || kd[3] != xd[3] || yd[3] != xd[3] ||
-      yd[0] != xd[0] || stride_h < 1 || stride_w < 1)
+  DepthwiseGeometry g;
+  if (!depthwise_geometry(x.dimensions(), kernel.dimensions(), y->dimensions(), pad_top, pad_left, dil_h, dil_w,
+                          stride_h, stride_w, g))
     return ffi::Error::InvalidArgument("fcnjax DepthwiseForward: needs x (n,h,w,c), kernel (kh,kw,1,c), "
                                        "y (n,oh,ow,c), strides >= 1");
-  DepthwiseGeometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], yd[1], yd[2], stride_h, stride_w, pad_top,
-                      pad_left, dil_h, dil_w};
   depthwise_forward(pool, g, x.typed_data(), kernel.typed_data(), y->typed_data());
   return ffi::Error::Success();
 }
@@ -945,25 +963,23 @@ static ffi::Error DepthwiseForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F3
 static ffi::Error DepthwiseInputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel,
                                          ffi::ResultBuffer<ffi::F32> dx, int64_t pad_top, int64_t pad_left,
                                          int64_t dil_h, int64_t dil_w, int64_t stride_h, int64_t stride_w) {
-  auto dyd = dy.dimensions(), kd = kernel.dimensions(), xd = dx->dimensions();
-  if (xd.size() != 4 || kd.size() != 4 || dyd.size() != 4 || kd[2] != 1 || kd[3] != xd[3] || dyd[3] != xd[3] ||
-      dyd[0] != xd[0] || stride_h < 1 || stride_w < 1)
+  DepthwiseGeometry g;
+  if (!depthwise_geometry(dx->dimensions(), kernel.dimensions(), dy.dimensions(), pad_top, pad_left, dil_h, dil_w,
+                          stride_h, stride_w, g))
     return ffi::Error::InvalidArgument("fcnjax DepthwiseInputGrad: needs dy (n,oh,ow,c), kernel (kh,kw,1,c), "
                                        "d(input) (n,h,w,c), strides >= 1");
   if (stride_h == 1 && stride_w == 1) {
     // Without a stride, d(input) is the forward convolution of dy with the kernel turned by 180 degrees and the
     // padding mirrored: the forward kernel, without the gather's per-tap index arithmetic (1.5-2x faster).
-    int64_t taps = kd[0] * kd[1], c = kd[3];
-    Scratch flipped(taps * c);
+    int64_t taps = g.kh * g.kw;
+    Scratch flipped(taps * g.c);
     for (int64_t t = 0; t < taps; ++t)
-      std::memcpy(flipped.data() + t * c, kernel.typed_data() + (taps - 1 - t) * c, c * sizeof(float));
-    DepthwiseGeometry g{dyd[0], dyd[1], dyd[2], c, kd[0], kd[1], xd[1], xd[2], 1, 1,
-                        (kd[0] - 1) * dil_h - pad_top, (kd[1] - 1) * dil_w - pad_left, dil_h, dil_w};
-    depthwise_forward(pool, g, dy.typed_data(), flipped.data(), dx->typed_data());
+      std::memcpy(flipped.data() + t * g.c, kernel.typed_data() + (taps - 1 - t) * g.c, g.c * sizeof(float));
+    DepthwiseGeometry turned{g.n, g.oh, g.ow, g.c, g.kh, g.kw, g.h, g.w, 1, 1, (g.kh - 1) * dil_h - pad_top,
+                             (g.kw - 1) * dil_w - pad_left, dil_h, dil_w};
+    depthwise_forward(pool, turned, dy.typed_data(), flipped.data(), dx->typed_data());
     return ffi::Error::Success();
   }
-  DepthwiseGeometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], dyd[1], dyd[2], stride_h, stride_w, pad_top,
-                      pad_left, dil_h, dil_w};
   depthwise_input_grad(pool, g, dy.typed_data(), kernel.typed_data(), dx->typed_data());
   return ffi::Error::Success();
 }
