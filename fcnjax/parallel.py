@@ -146,9 +146,8 @@ def _stop_cleanly_when_the_service_is_lost() -> None:
   import sys  # pylint: disable=g-import-not-at-top
   from jax._src import distributed  # pylint: disable=g-import-not-at-top
   host, _, port = distributed.global_state.coordinator_address.rpartition(":")
-  line = (f"PeerLostError: process 0 of {jax.process_count()}, which runs the coordination service, was lost; "
-          f"process {jax.process_index()} stops too. The last finished checkpoint is intact: start every process "
-          "again with the same command to resume from it.\n").encode()
+  who = f"process 0 of {jax.process_count()}, which runs the coordination service, was lost"
+  line = f"PeerLostError: {_lost_message(who)}\n".encode()
 
   def on_abort(signum):
     del signum
@@ -179,10 +178,15 @@ def _try_get(client, key: str) -> str | None:
     raise
 
 
+def _lost_message(who: str) -> str:
+  """What every surviving process says when `who` (which process, and why it is taken for lost) is gone."""
+  return (f"{who}; process {jax.process_index()} stops too. The last finished checkpoint is intact: start every "
+          "process again with the same command to resume from it.")
+
+
 def _stop(who: str) -> None:
   import sys  # pylint: disable=g-import-not-at-top
-  print(f"PeerLostError: {who}; process {jax.process_index()} stops too. The last finished checkpoint is intact: "
-        "start every process again with the same command to resume from it.", file=sys.stderr, flush=True)
+  print(f"PeerLostError: {_lost_message(who)}", file=sys.stderr, flush=True)
   sys.stdout.flush()
   os._exit(EXIT_PEER_LOST)  # pylint: disable=protected-access
 
@@ -224,8 +228,7 @@ def peer_lost_error(error: BaseException) -> PeerLostError:
     who = f"process {', '.join(map(str, lost))} of {jax.process_count()} was lost"
   else:
     who = f"another of the {jax.process_count()} processes was lost ({' '.join(text.split())[:160]})"
-  return PeerLostError(f"{who}; process {jax.process_index()} stops too. The last finished checkpoint is intact: "
-                       "start every process again with the same command to resume from it.")
+  return PeerLostError(_lost_message(who))
 
 
 def make_mesh() -> Mesh:

@@ -48,7 +48,7 @@ class Segmenter:
     self.model = model
     self.variables = variables
     self.data_config = data.resolve(data_config)
-    self.channels = int(getattr(model, "in_channels", 3))
+    self.channels = _image_channels(model)
     self.mean, self.std = _statistics(self.data_config, self.channels, mean, std)
     self.tile, self.blend, self.flip_tta, self.bucket = tile, blend, flip_tta, bucket
     self.tile_margin = tile // 8 if tile_margin < 0 else tile_margin
@@ -157,9 +157,14 @@ def _statistics(data_config, channels: int, mean, std) -> tuple[tuple[float, ...
   return mean, std
 
 
+def _image_channels(model) -> int:
+  """The channels of the images a model takes: its in_channels where it has them (smp's), else RGB."""
+  return int(getattr(model, "in_channels", 3))
+
+
 def _variable_shapes(model):
-  channels = int(getattr(model, "in_channels", 3))
-  return jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, 224, 224, channels), np.float32))
+  images = np.zeros((1, 224, 224, _image_channels(model)), np.float32)
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
 
 
 def _flat_shapes(tree, prefix: str = "") -> dict[str, tuple[int, ...]]:

@@ -62,9 +62,15 @@ def compare(name: str, encoder: str, in_channels: int, classes: int, size=SIZE, 
                               **options})
   out = jax.jit(model.apply)(variables, nchw_to_nhwc(x))["out"]
   assert out.shape == expected.shape
-  diff, scale = float(np.abs(np.asarray(out) - expected).max()), float(np.abs(expected).max())
-  record_parity(f"smp: {name} {encoder} in_channels={in_channels} classes={classes} {options or ''} at {size}",
-                diff, scale)
+  assert_parity(out, expected,
+                f"smp: {name} {encoder} in_channels={in_channels} classes={classes} {options or ''} at {size}")
+
+
+def assert_parity(logits, expected: np.ndarray, record: str = "") -> None:
+  """max |logits - expected| <= RTOL * max |expected|; the figures go to the parity log under `record` if given."""
+  diff, scale = float(np.abs(np.asarray(logits) - expected).max()), float(np.abs(expected).max())
+  if record:
+    record_parity(record, diff, scale)
   assert scale > 0 and diff <= RTOL * scale, f"max|diff| {diff:.3g} > {RTOL} * max|smp| {scale:.3g}"
 
 
@@ -189,24 +195,25 @@ def _grey_image(height: int, width: int) -> np.ndarray:
   return np.random.default_rng(3).integers(0, 256, (height, width), dtype=np.uint8)
 
 
+def _grey_unet_weights(tmp_path) -> tuple[torch.nn.Module, str]:
+  """smp's resnet18 Unet for 1-channel images and 2 classes, and its state_dict converted and saved under tmp_path."""
+  from fcnjax import pretrained  # pylint: disable=g-import-not-at-top
+  reference = torch_model("smp_unet", "resnet18", 1, 2)
+  return reference, pretrained.save_variables(tmp_path / "grey_unet", get_converter("smp_unet")(reference.state_dict()))
+
+
 def _smp_logits(reference: torch.nn.Module, image: np.ndarray, mean: float, std: float) -> np.ndarray:
   x = torch.from_numpy((image.astype(np.float32) / 255 - mean) / std)[None, None]
   with torch.no_grad():
     return reference(x)[0].numpy().transpose(1, 2, 0)
 
 
-def assert_parity(logits: np.ndarray, expected: np.ndarray) -> None:
-  diff, scale = float(np.abs(np.asarray(logits) - expected).max()), float(np.abs(expected).max())
-  assert scale > 0 and diff <= RTOL * scale, f"max|diff| {diff:.3g} > {RTOL} * max|smp| {scale:.3g}"
-
-
 def test_segmenter_reads_in_channels_and_classes_from_converted_smp_weights(tmp_path):
   """A grey smp Unet's converted weights: Segmenter.from_weights builds a 1-channel, 2-class model from them, takes
   grey arrays and grey files, and gives smp's logits on the image normalised with GREY_MEAN / GREY_STD."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from fcnjax import pretrained, segmenter  # pylint: disable=g-import-not-at-top
-  reference = torch_model("smp_unet", "resnet18", 1, 2)
-  path = pretrained.save_variables(tmp_path / "grey_unet", get_converter("smp_unet")(reference.state_dict()))
+  from fcnjax import segmenter  # pylint: disable=g-import-not-at-top
+  reference, path = _grey_unet_weights(tmp_path)
   seg = segmenter.Segmenter.from_weights(path, "smp_unet", model_options={"encoder": "resnet18"})
   assert (seg.channels, seg.model.num_classes) == (1, 2)
   assert (seg.mean, seg.std) == ((segmenter.GREY_MEAN,), (segmenter.GREY_STD,))
@@ -227,9 +234,8 @@ def test_segmenter_reads_in_channels_and_classes_from_converted_smp_weights(tmp_
 def test_exported_grey_smp_unet_takes_one_channel(tmp_path):
   """StableHLO export of a 1-channel smp Unet with the normalisation inside: (N, H, W, 1) uint8 images in, smp's
   logits out."""
-  from fcnjax import exporting, pretrained, segmenter  # pylint: disable=g-import-not-at-top
-  reference = torch_model("smp_unet", "resnet18", 1, 2)
-  path = pretrained.save_variables(tmp_path / "grey_unet", get_converter("smp_unet")(reference.state_dict()))
+  from fcnjax import exporting, segmenter  # pylint: disable=g-import-not-at-top
+  reference, path = _grey_unet_weights(tmp_path)
   seg = segmenter.Segmenter.from_weights(path, "smp_unet", model_options={"encoder": "resnet18"}, mean=0.3, std=0.2)
   exported = exporting.export_stablehlo(seg, *SIZE, preprocessing=True)
   assert exported.in_avals[0].shape[1:] == (*SIZE, 1)
