@@ -216,9 +216,9 @@ class RunnerInfo:
 
 
 class FcnjaxTrain:
-  """fcnjax's jitted, donating train step."""
+  """fcnjax's jitted, donating train step; `analyse` adds its FLOPs, memory plan and donation to its info."""
 
-  def __init__(self, model, variables: dict, images: np.ndarray, masks: np.ndarray):
+  def __init__(self, model, variables: dict, images: np.ndarray, masks: np.ndarray, analyse: bool = True):
     import jax  # pylint: disable=g-import-not-at-top
     from fcnjax import losses, optim, steps  # pylint: disable=g-import-not-at-top
     self.jax = jax
@@ -243,6 +243,8 @@ class FcnjaxTrain:
     self._step()
     jax.block_until_ready(self.state)
     self.info.first_step_s = time.perf_counter() - start
+    if not analyse:
+      return
     # Model FLOPs, 3x the forward pass (forward + input and weight gradients), not the compiled step's count: XLA's
     # cost analysis counts a loop body once (the strip weight gradients are loops) and no custom call.
     forward_flops = _forward_flops(model, shapes, self.batch["image"])
@@ -263,7 +265,9 @@ class FcnjaxTrain:
 
 
 class FcnjaxInfer:
-  def __init__(self, model, variables: dict, images: np.ndarray):
+  """fcnjax's jitted forward pass in eval mode; `analyse` adds its FLOPs and memory plan to its info."""
+
+  def __init__(self, model, variables: dict, images: np.ndarray, analyse: bool = True):
     import jax  # pylint: disable=g-import-not-at-top
     self.jax = jax
     self.variables = jax.device_put(variables)
@@ -276,6 +280,8 @@ class FcnjaxInfer:
     self.outputs = self.compiled(self.variables, self.images)
     jax.block_until_ready(self.outputs)
     self.info.first_step_s = time.perf_counter() - start
+    if not analyse:
+      return
     self.info.flops = _forward_flops(model, variables, self.images)
     self.info.memory_bytes = _planned_bytes(self.compiled)
 
@@ -485,11 +491,11 @@ def parity(jax_outputs: dict, torch_heads: list) -> dict:
   return {"max_abs_diff": max(diffs), "max_abs_output": scale}
 
 
-def fcnjax_runner(model, mode: str, variables: dict, images: np.ndarray, masks: np.ndarray):
+def fcnjax_runner(model, mode: str, variables: dict, images: np.ndarray, masks: np.ndarray, analyse: bool = True):
   import jax  # pylint: disable=g-import-not-at-top
   if mode == "train":
-    return FcnjaxTrain(model, jax.tree.map(np.copy, variables), images, masks)
-  return FcnjaxInfer(model, variables, images)
+    return FcnjaxTrain(model, jax.tree.map(np.copy, variables), images, masks, analyse)
+  return FcnjaxInfer(model, variables, images, analyse)
 
 
 def bench_model(args, name: str, device: str, peak: harness.Peak, log, scratch: str) -> list[dict]:
@@ -509,7 +515,8 @@ def bench_model(args, name: str, device: str, peak: harness.Peak, log, scratch: 
     ours = fcnjax_runner(model, mode, variables, images, masks)
     if not args.no_warm_start:
       jax.clear_caches()  # traced, lowered and compiled again: the executable comes from the persistent cache
-      ours.info.warm_first_step_s = fcnjax_runner(model, mode, variables, images, masks).info.first_step_s
+      warm = fcnjax_runner(model, mode, variables, images, masks, analyse=False)
+      ours.info.warm_first_step_s = warm.info.first_step_s
     # Train runners update the weights; each torch runner gets its own copy so modes do not see each other's steps.
     contenders = {"fcnjax": ours}
     variants = [False] + ([] if args.no_torch_compile else [True])

@@ -121,11 +121,10 @@ def torch_conv_parts(x, kernel, dy, strides, pads, dilation, groups: int = 1) ->
     top = left = 0
   kt = torch.tensor(np.transpose(np.asarray(kernel), (3, 2, 0, 1)))
   dyt = torch.tensor(np.transpose(np.asarray(dy), (0, 3, 1, 2)))
-  geometry = dict(stride=list(strides), padding=[top, left], dilation=list(dilation))
 
   def backward(mask):
-    return torch.ops.aten.convolution_backward(dyt, xt, kt, None, geometry["stride"], geometry["padding"],
-                                               geometry["dilation"], False, [0, 0], groups, mask)
+    return torch.ops.aten.convolution_backward(dyt, xt, kt, None, list(strides), [top, left], list(dilation), False,
+                                               [0, 0], groups, mask)
 
   def forward():
     with torch.no_grad():
