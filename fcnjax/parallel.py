@@ -157,7 +157,10 @@ def _stop_cleanly_when_the_service_is_lost() -> None:
       sys.stdout.flush()
       os.write(2, line)
       os._exit(EXIT_PEER_LOST)  # pylint: disable=protected-access
-    faulthandler.enable()  # another cause: the fault handler's tracebacks, then abort() goes on
+    # Another cause: SIGABRT's default action first (an abort() from this handler would call it again, and again,
+    # until the stack overflows), then the fault handler's tracebacks and the abort.
+    libc.signal(signal.SIGABRT, handler_type(0))  # SIG_DFL
+    faulthandler.enable()
     os.abort()
 
   libc = ctypes.CDLL(None, use_errno=True)
