@@ -164,10 +164,11 @@ _PROGRESS = re.compile(r"step \d+: mIoU ")
 _SUMMARY = re.compile(r"^\{\n(?:  .*\n)*\}\n", re.MULTILINE)
 
 
-def _run_killed_in_phase(workdir, tmp_path, victim: int, hanging: int, fault: str, phase: str) -> tuple[str, float]:
-  """The 2-process run, with `fault` in process `hanging`; kill -9 of process `victim` once that one hangs. Returns
-  the survivor's output and how long it took to exit after the kill."""
-  hangs = tmp_path / f"hangs in {phase}"
+def _run_killed(workdir, tmp_path, victim: int, phase: str, ready, watched: int, run_args=(), injections=(None, None),
+                poll: float = 0.005) -> tuple[str, float]:
+  """The 2-process run (`injections`: each process's fault or None); kill -9 of process `victim` once ready() holds
+  (watching process `watched` meanwhile). Asserts that the survivor exits 75 (EXIT_PEER_LOST); returns its output
+  and how long it took to exit after the kill."""
   logs = [tmp_path / f"{phase}, process {i}.log" for i in range(2)]
   coordinator = f"127.0.0.1:{_free_port()}"
   processes = []
@@ -175,9 +176,9 @@ def _run_killed_in_phase(workdir, tmp_path, victim: int, hanging: int, fault: st
     for i, log in enumerate(logs):
       env = dict(_host(coordinator, i), FCNJAX_PEER_TIMEOUT_S=str(PEER_TIMEOUT_S))
       with open(log, "w") as out:
-        processes.append(h.start_train(workdir, *PHASES_RUN, log=out, num_devices=2,
-                                       inject=f"{fault}{hangs}" if i == hanging else None, extra_env=env))
-    h.wait_for(hangs.exists, processes[hanging])
+        processes.append(h.start_train(workdir, *run_args, log=out, num_devices=2, inject=injections[i],
+                                       extra_env=env))
+    h.wait_for(ready, processes[watched], poll=poll)
     processes[victim].kill()
     killed = time.monotonic()
     returncode = processes[1 - victim].wait(timeout=PEER_TIMEOUT_S + 60)
@@ -190,6 +191,13 @@ def _run_killed_in_phase(workdir, tmp_path, victim: int, hanging: int, fault: st
   output = logs[1 - victim].read_text()
   assert returncode == parallel.EXIT_PEER_LOST, f"{phase}: exit {returncode}\n{output[-3000:]}"
   return output, took
+
+
+def _run_killed_in_phase(workdir, tmp_path, victim: int, hanging: int, fault: str, phase: str) -> tuple[str, float]:
+  """The run of PHASES_RUN with `fault` in process `hanging`; kill -9 of process `victim` once that one hangs."""
+  hangs = tmp_path / f"hangs in {phase}"
+  injections = [f"{fault}{hangs}" if i == hanging else None for i in range(2)]
+  return _run_killed(workdir, tmp_path, victim, phase, hangs.exists, hanging, PHASES_RUN, injections)
 
 
 def test_a_process_lost_in_each_phase_ends_the_other_and_the_reruns_finish_as_one_run(tmp_path):
@@ -251,27 +259,9 @@ def test_a_process_killed_at_start_up_ends_the_other_within_the_peer_timeout(tmp
   at the start-up barriers: no collective fails, so process 0 learns of the loss from the peer watch, after
   FCNJAX_PEER_TIMEOUT_S without a sign of life, and exits 75 with one line naming process 1."""
   workdir = tmp_path / "run"
-  log = tmp_path / "process0.log"
-  coordinator = f"127.0.0.1:{_free_port()}"
-  processes = []
-  try:
-    for i in range(2):
-      with open(log if i == 0 else tmp_path / "process1.log", "w") as out:
-        processes.append(h.start_train(workdir, log=out, num_devices=2, extra_env=dict(
-            _host(coordinator, i), FCNJAX_PEER_TIMEOUT_S=str(PEER_TIMEOUT_S))))
-    h.wait_for(workdir.is_dir, processes[0], poll=0.05)
-    processes[1].kill()
-    killed = time.monotonic()
-    returncode = processes[0].wait(timeout=PEER_TIMEOUT_S + 60)
-    took = time.monotonic() - killed
-  finally:
-    for p in processes:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  output = log.read_text()
+  output, took = _run_killed(workdir, tmp_path, 1, "start-up", workdir.is_dir, watched=0, poll=0.05)
   lines = _lines_without_gloo(output)
-  assert returncode == parallel.EXIT_PEER_LOST and len(lines) == 1, output[-3000:]
+  assert len(lines) == 1, output[-3000:]
   assert lines[0].startswith("PeerLostError: process 1 of 2 was lost (no sign of life for"), lines[0]
   assert PEER_TIMEOUT_S - 2 < took < PEER_TIMEOUT_S + 15, took
   print(f"process 0 exited {took:.1f} s after process 1 was killed")
