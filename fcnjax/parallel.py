@@ -72,7 +72,9 @@ def _watch_peers(timeout_s: float) -> None:
   others'. JAX's own heartbeat timeout ends the survivors too, but by aborting them from its client (SIGABRT and a
   page of logs): its missed-heartbeat callback cannot be set from Python (jaxlib 0.10.2 has no conversion for the
   status it passes, std::bad_cast). A process that exits normally marks itself done first, so that a peer still
-  finishing (process 0 writing plots) does not take it for lost, then waits for the others' marks.
+  finishing (process 0 writing plots) does not take it for lost, then waits for the others' marks, and then stops
+  the watch before the interpreter finalises: a daemon thread that is inside a call to JAX's client then is ended by
+  the interpreter with a forced unwind through C++ frames, and std::terminate aborts the finished process.
   """
   import atexit  # pylint: disable=g-import-not-at-top
   import threading  # pylint: disable=g-import-not-at-top
@@ -80,7 +82,7 @@ def _watch_peers(timeout_s: float) -> None:
   from jax._src import distributed  # pylint: disable=g-import-not-at-top
   client = distributed.global_state.client
   me, count = jax.process_index(), jax.process_count()
-  exiting = threading.Event()
+  exiting, stopped = threading.Event(), threading.Event()
 
   def mark_done():  # runs before JAX's own exit handler (registered earlier), which stops the service
     exiting.set()
@@ -92,12 +94,15 @@ def _watch_peers(timeout_s: float) -> None:
         time.sleep(_WATCH_INTERVAL_S / 4)
     except Exception:  # pylint: disable=broad-except
       pass  # the service is gone with process 0: no one is left to tell or wait for
+    finally:
+      stopped.set()
+      watcher.join()  # at most one call to the client: it fails at once when the service is gone
 
   atexit.register(mark_done)
 
   def watch():
     beat, seen = 0, {}
-    while True:  # also while this process exits: JAX's shutdown barrier waits for every peer
+    while not stopped.is_set():  # also while this process waits for its peers to be done
       now = time.monotonic()
       try:
         beat += 1
@@ -119,9 +124,10 @@ def _watch_peers(timeout_s: float) -> None:
         # The service is out of reach: process 0, which runs it, is gone (JAX's client aborts this process too).
         _stop(f"process 0 of {count}, which runs the coordination service, was lost "
               f"({' '.join(str(e).split())[:120]})")
-      time.sleep(_WATCH_INTERVAL_S)
+      stopped.wait(_WATCH_INTERVAL_S)
 
-  threading.Thread(target=watch, name="fcnjax-peer-watch", daemon=True).start()
+  watcher = threading.Thread(target=watch, name="fcnjax-peer-watch", daemon=True)
+  watcher.start()
 
 
 # The SIGABRT handler of _stop_cleanly_when_the_service_is_lost, kept alive as long as it is installed.

@@ -74,15 +74,19 @@ def env(num_devices: int = 1, **extra: str) -> dict[str, str]:
   return environ
 
 
-def train_command(workdir, *overrides: str, inject: str | None = None) -> list[str]:
-  """`python -m fcnjax.train --config <tiny> --workdir W --config.k=v ...`; with `inject`, the same entry point run
-  after install_fault(inject) (below) has patched a fault into the process."""
-  args = [f"--config={CONFIG}", f"--workdir={workdir}", *overrides]
+def command(entry_point: str, *args: str, inject: str | None = None) -> list[str]:
+  """`python -m fcnjax.<entry_point> ARGS`; with `inject`, the same entry point run after install_fault(inject)
+  (below) has patched a fault into the process."""
   if inject is None:
-    return [sys.executable, "-m", "fcnjax.train", *args]
+    return [sys.executable, "-m", f"fcnjax.{entry_point}", *args]
   script = ("import sys, reliability_helpers as h; h.install_fault(sys.argv.pop(1)); "
-            "from fcnjax import cli, train; cli.run(train.main)")
+            f"from fcnjax import cli, {entry_point}; cli.run({entry_point}.main)")
   return [sys.executable, "-c", script, inject, *args]
+
+
+def train_command(workdir, *overrides: str, inject: str | None = None) -> list[str]:
+  """`python -m fcnjax.train --config <tiny> --workdir W --config.k=v ...`, see command()."""
+  return command("train", f"--config={CONFIG}", f"--workdir={workdir}", *overrides, inject=inject)
 
 
 def run_train(workdir, *overrides: str, inject: str | None = None, num_devices: int = 1, timeout: float = TIMEOUT,
@@ -229,6 +233,8 @@ def install_fault(spec: str) -> None:
     hang_before_rename:D,P the same when orbax is about to rename a finished temporary step into D (e.g.
                            checkpoints/6): a save in flight, never committed
     hang_after_training:P  the same once the run is over and its checkpoints closed, before the process exits
+    busy_peer_watch:S      fcnjax.parallel's peer watch polls every S seconds instead of every second: with S
+                           tiny it is nearly always inside a call to JAX's client, also when the process exits
     enospc_in_save:D       the save of step directory D (relative to the workdir, e.g. checkpoints/5) fails with
                            OSError(ENOSPC) half-way through writing its model record, as on a full disk
   """
@@ -237,7 +243,7 @@ def install_fault(spec: str) -> None:
             "kill_before_rename": _kill_before_rename, "slow_start": _slow_start, "enospc_in_save": _enospc_in_save,
             "delete_after_batch": _delete_after_batch, "hang_at_batch": _hang_at_batch,
             "hang_at_eval_batch": _hang_at_eval_batch, "hang_before_rename": _hang_before_rename,
-            "hang_after_training": _hang_after_training}
+            "hang_after_training": _hang_after_training, "busy_peer_watch": _busy_peer_watch}
   faults[name](arg)
 
 
@@ -386,6 +392,11 @@ def _hang_after_training(path: str) -> None:
       _hang(path)
 
   training._close_all = close_all  # pylint: disable=protected-access
+
+
+def _busy_peer_watch(seconds: str) -> None:
+  from fcnjax import parallel  # pylint: disable=g-import-not-at-top
+  parallel._WATCH_INTERVAL_S = float(seconds)  # pylint: disable=protected-access
 
 
 def _enospc_in_save(target: str) -> None:

@@ -9,7 +9,6 @@ import re
 import shutil
 import signal
 import socket
-import sys
 import time
 
 import numpy as np
@@ -106,14 +105,17 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
 
 
 
-def _evaluate_command(workdir, *flags: str) -> list[str]:
-  return [sys.executable, "-m", "fcnjax.evaluate", f"--workdir={workdir}", "--checkpoint=latest", *flags]
+def _evaluate_command(workdir, *flags: str, inject: str | None = None) -> list[str]:
+  return h.command("evaluate", f"--workdir={workdir}", "--checkpoint=latest", *flags, inject=inject)
 
 
 def test_evaluate_on_two_processes_scores_like_one(tmp_path):
   """13 validation images in global batches of 4: the last batch holds one image and three padding copies, which on
   2 processes fall one on process 0 and two on process 1. The batched path (each process reads its half of each
-  batch) and the per-image path (--tile: each process scores every image) must both give 1 process's metrics."""
+  batch) and the per-image path (--tile: each process scores every image) must both give 1 process's metrics.
+
+  The 2 processes' peer watches poll without pause, so that each process ends with its watch inside a call to JAX's
+  client unless the watch is stopped before the interpreter finalises (else: std::terminate, exit -6)."""
   one, two = tmp_path / "one_process", tmp_path / "two_processes"
   result = h.run_train(one, "--config.train.num_steps=2", "--config.data.synthetic_val_examples=13",
                        "--config.eval.batch_size=4")
@@ -125,7 +127,8 @@ def test_evaluate_on_two_processes_scores_like_one(tmp_path):
     coordinator = f"127.0.0.1:{_free_port()}"
     single, *processes = h.run_together(
         (_evaluate_command(one, *flags), h.env(1)),
-        *[(_evaluate_command(two, *flags), h.env(2, **_host(coordinator, i))) for i in range(2)])
+        *[(_evaluate_command(two, *flags, inject="busy_peer_watch:0.0001"), h.env(2, **_host(coordinator, i)))
+          for i in range(2)])
     for name, run in (("1 process", single), ("process 0", processes[0]), ("process 1", processes[1])):
       assert run.returncode == 0, f"{mode}, {name}:\n{run.stderr[-3000:]}"
     assert "mean IoU" in processes[0].stdout and "mean IoU" not in processes[1].stdout  # process 0 alone reports
