@@ -8,10 +8,12 @@ from typing import Callable
 
 from absl import app, flags, logging
 
-from fcnjax import compilation_cache, diskspace, parallel
+from fcnjax import compilation_cache, diskspace, host_allocator, parallel
 
 flags.DEFINE_string("compilation_cache", None, "Folder of JAX's persistent compilation cache (default: "
                     "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/fcnjax/xla or $FCNJAX_CACHE_DIR/xla); '' turns it off.")
+flags.DEFINE_bool("keep_freed_memory", True, "Keep the memory a step frees for the next step (glibc): CPU steps "
+                  "fault no pages in, and the process keeps its peak memory (fcnjax.host_allocator).")
 
 # Errors that a user's input causes (a missing file or folder, a bad file, a config or checkpoint that does not fit,
 # a diverging or oversized run): their message says what to change, so the command prints it as one line.
@@ -20,7 +22,8 @@ USER_ERRORS = (OSError, ValueError, ArithmeticError, RuntimeError)
 
 def run(main: Callable[[list[str]], None]) -> None:
   """app.run(main), with a user's error printed as one line `TypeName: message` (exit status 1). With --verbosity
-  on the command line, the traceback is printed too. Compiled steps are cached across runs (--compilation_cache)."""
+  on the command line, the traceback is printed too. Compiled steps are cached across runs (--compilation_cache),
+  and freed memory is kept for the next step (--keep_freed_memory)."""
 
   def guarded_main(argv):
     if len(argv) > 1:
@@ -29,6 +32,8 @@ def run(main: Callable[[list[str]], None]) -> None:
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
       logging.get_absl_logger().addFilter(_without_reported_tracebacks)
+    if flags.FLAGS.keep_freed_memory:
+      host_allocator.keep_freed_memory()  # before JAX's backend starts its threads
     compilation_cache.enable(flags.FLAGS.compilation_cache)
     try:
       return main(argv)

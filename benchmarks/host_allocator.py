@@ -1,0 +1,100 @@
+"""Steps with glibc's default allocator against fcnjax.host_allocator.keep_freed_memory(), per model and framework.
+
+  python -m benchmarks.host_allocator                                   # fcn_resnet50 and unet, train and inference
+  python -m benchmarks.host_allocator --models fcn_resnet101,fcn8s --modes train --steps 12
+
+The allocator is set once per process, before any thread allocates, so every (model, mode, framework, setting) runs
+in a process of its own: fcnjax's jitted step (compare_torch's runners, batch 2, 224x224) or PyTorch eager's, on the
+same threads. Reported per run: the median seconds of a step after `--warmup` steps, the slowest step (a heap that
+grows faults its new pages in), page faults per step (getrusage's minor faults) and the process's peak RSS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from benchmarks import compare_torch, harness
+
+SETTINGS = ("glibc default", "keep_freed_memory")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--models", default="fcn_resnet50,unet", help=f"comma-separated subset of {compare_torch.ALL_MODELS}")
+  p.add_argument("--modes", default="train,infer", help="comma-separated subset of train,infer")
+  p.add_argument("--frameworks", default="fcnjax,torch", help="comma-separated subset of fcnjax,torch")
+  p.add_argument("--steps", type=int, default=10, help="timed steps")
+  p.add_argument("--warmup", type=int, default=3, help="untimed steps first (the heap grows in the first ones)")
+  p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all allowed cores)")
+  p.add_argument("--run", default="", help=argparse.SUPPRESS)  # internal: one run, 'model:mode:framework:setting'
+  return p.parse_args(argv)
+
+
+def run_one(spec: str, args) -> dict:
+  """One run in this process: the allocator set first, then the model built and stepped."""
+  name, mode, framework, setting = spec.split(":")
+  if setting == "1":
+    from fcnjax import host_allocator  # pylint: disable=g-import-not-at-top
+    if not host_allocator.keep_freed_memory():
+      raise SystemExit("keep_freed_memory() needs glibc")
+  threads = harness.pin_threads(args.threads)
+  cli_args = compare_torch.parse_args(["--models", name])
+  images, masks = compare_torch.make_batch(cli_args)
+  if framework == "torch":
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    runner = compare_torch.TorchRunner(compare_torch.torch_model(name, cli_args.num_classes), mode, images, masks,
+                                       "cpu", "float32", compiled=False, channels_last=False)
+  else:
+    import jax  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    model = compare_torch.fcnjax_model(name, cli_args.num_classes, "float32")
+    variables = jax.tree.map(np.asarray, jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(
+        images[:1]))
+    runner = compare_torch.fcnjax_runner(model, mode, variables, images, masks, analyse=False)
+  for _ in range(args.warmup):
+    runner(1)
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  seconds = [runner(1) for _ in range(args.steps)]
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+  return {"model": name, "mode": mode, "framework": framework, "setting": SETTINGS[int(setting)],
+          "step s": statistics.median(seconds), "slowest s": max(seconds), "faults/step": faults / args.steps,
+          "peak RSS GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  if args.run:
+    print(json.dumps(run_one(args.run, args)))
+    return
+  rows = []
+  for name in args.models.split(","):
+    for mode in args.modes.split(","):
+      for framework in args.frameworks.split(","):
+        for setting in ("0", "1"):
+          command = [sys.executable, "-m", "benchmarks.host_allocator", f"--run={name}:{mode}:{framework}:{setting}",
+                     f"--steps={args.steps}", f"--warmup={args.warmup}", f"--threads={args.threads}"]
+          start = time.perf_counter()
+          result = subprocess.run(command, capture_output=True, text=True, check=False)
+          if result.returncode:
+            raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+          row = json.loads(result.stdout.strip().splitlines()[-1])
+          rows.append(row)
+          print(f"{name} {mode} {framework}, {row['setting']}: {row['step s']:.3f} s/step "
+                f"({time.perf_counter() - start:.0f} s)", flush=True)
+  formatted = [{**r, "step s": f"{r['step s']:.3f}", "slowest s": f"{r['slowest s']:.2f}",
+                "faults/step": f"{r['faults/step']:,.0f}", "peak RSS GB": f"{r['peak RSS GB']:.2f}"} for r in rows]
+  print(harness.markdown_table(formatted, ["model", "mode", "framework", "setting", "step s", "slowest s",
+                                           "faults/step", "peak RSS GB"]))
+  print(f"{os.cpu_count()} CPUs; {args.warmup} warm-up + {args.steps} timed steps, batch 2, 224x224, float32")
+
+
+if __name__ == "__main__":
+  main()
