@@ -34,9 +34,8 @@ network), achieved GFLOP/s and its fraction of the device's peak, and peak memor
 - torch on CPU: the peak RSS of a separate torch-only process over a few steps, minus its RSS before the model was
   built (parameters, gradients, momentum, activations, and whatever the allocator keeps).
 
-Memory: the process runs with fcnjax.host_allocator.keep_freed_memory(), as fcnjax's entry points do, unless
---no_keep_freed_memory; the setting is the process's, so torch runs with it too (benchmarks/host_allocator.py times
-each framework with and without it).
+Memory: --keep_freed_memory runs the process with fcnjax.host_allocator.keep_freed_memory(); the setting is the
+process's, so torch runs with it too (benchmarks/host_allocator.py times each framework with and without it).
 
 Threads: both frameworks use --threads cores (default: every core this process may run on). XLA:CPU sizes its pool
 by the process's CPU affinity, which --threads restricts; torch gets torch.set_num_threads(--threads).
@@ -100,9 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--compilation_cache", default="",
                  help="fcnjax's persistent XLA cache folder: a second run with the same folder times the warm start "
                       "(first step s, compile s) that a repeated training command sees")
-  p.add_argument("--no_keep_freed_memory", action="store_true",
-                 help="glibc's default allocator instead of fcnjax.host_allocator's, which the entry points set "
-                      "(for the whole process: torch runs with it too)")
+  p.add_argument("--keep_freed_memory", action="store_true",
+                 help="fcnjax.host_allocator.keep_freed_memory(), as the entry points' --keep_freed_memory (for the "
+                      "whole process: torch runs with it too)")
   p.add_argument("--out", default="", help="write the results as JSON here")
   p.add_argument("--probe_torch_memory", default="", help=argparse.SUPPRESS)  # internal: 'model:mode'
   args = p.parse_args(argv)
@@ -624,9 +623,9 @@ def main(argv=None) -> None:
   if args.probe_torch_memory:
     probe_torch_memory(args)
     return
-  if not args.no_keep_freed_memory:
+  if args.keep_freed_memory:
     from fcnjax import host_allocator  # pylint: disable=g-import-not-at-top
-    host_allocator.keep_freed_memory()  # as the entry points run; before any thread allocates
+    host_allocator.keep_freed_memory()  # before any thread allocates
   threads = harness.pin_threads(args.threads)  # before the first jax computation starts XLA's thread pool
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
@@ -652,7 +651,7 @@ def main(argv=None) -> None:
       "device": device, "device_name": device_name, "threads": threads, "torch_threads": torch.get_num_threads(),
       "peak_gflops": peak.gflops, "peak_assumption": peak.assumption, "jax": jax.__version__,
       "torch": torch.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "precision": args.precision,
-      "compilation_cache": args.compilation_cache, "keep_freed_memory": not args.no_keep_freed_memory,
+      "compilation_cache": args.compilation_cache, "keep_freed_memory": args.keep_freed_memory,
   }
   log(f"{device_name}: fcnjax (XLA) and torch both on {threads} threads" if device == "cpu" else device_name)
   log(f"peak: {peak.assumption}")

@@ -12,8 +12,9 @@ from fcnjax import compilation_cache, diskspace, host_allocator, parallel
 
 flags.DEFINE_string("compilation_cache", None, "Folder of JAX's persistent compilation cache (default: "
                     "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/fcnjax/xla or $FCNJAX_CACHE_DIR/xla); '' turns it off.")
-flags.DEFINE_bool("keep_freed_memory", True, "Keep the memory a step frees for the next step (glibc): CPU steps "
-                  "fault no pages in, and the process keeps its peak memory (fcnjax.host_allocator).")
+flags.DEFINE_bool("keep_freed_memory", False, "Keep the memory a step frees for the next step (glibc): CPU steps "
+                  "fault no pages in, but the process keeps its peak memory, and small models' steps can be slower "
+                  "(fcnjax.host_allocator; docs/performance.md).")
 
 # Errors that a user's input causes (a missing file or folder, a bad file, a config or checkpoint that does not fit,
 # a diverging or oversized run): their message says what to change, so the command prints it as one line.
@@ -22,8 +23,8 @@ USER_ERRORS = (OSError, ValueError, ArithmeticError, RuntimeError)
 
 def run(main: Callable[[list[str]], None]) -> None:
   """app.run(main), with a user's error printed as one line `TypeName: message` (exit status 1). With --verbosity
-  on the command line, the traceback is printed too. Compiled steps are cached across runs (--compilation_cache),
-  and freed memory is kept for the next step (--keep_freed_memory)."""
+  on the command line, the traceback is printed too. Compiled steps are cached across runs (--compilation_cache);
+  --keep_freed_memory sets the C library's allocator first."""
 
   def guarded_main(argv):
     if len(argv) > 1:

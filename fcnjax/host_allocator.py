@@ -1,12 +1,18 @@
-"""The C library's allocator, set to keep the memory that a step frees for the next step (glibc on Linux).
+"""The C library's allocator, set to keep the memory that a step frees for the next step (glibc on Linux; opt-in).
 
 XLA's CPU runtime allocates each step's temporaries as one block, from one of its worker threads: 1.2 GB for
 fcn_resnet101's train step at batch 2, 224x224. glibc serves a block over 64 MB in a worker thread with a fresh mmap
 and unmaps it when it is freed, so every step faults all its pages in again and the kernel zeroes each of them
-(370,000 page faults a step). keep_freed_memory() makes every thread allocate from the one main heap, never by
-mmap, and never give the heap's free top back: from the third step on, steps reuse the pages of earlier ones and
-fault none. The process keeps its peak memory until it exits. `python -m benchmarks.host_allocator` measures both
-settings per model (step times and peak memory; docs/performance.md has the figures).
+(350,000 page faults a step). keep_freed_memory() makes every thread allocate from the one main heap, never by
+mmap, and never give the heap's free top back: after the first steps, steps reuse the pages of earlier ones and
+fault none.
+
+What that is worth depends on what a page fault costs, which on a 2-core Xeon VM varied from run to run: perf put
+up to 65% of fcn_resnet101's train step in the kernel's page zeroing, and the large models' train steps gained
+0-35%. It costs memory (the process keeps its peak, and the heap grows to hold a step's block
+beside what fragments it: fcn8s' train step 8.3 GB peak RSS against 4.4 GB), and the mobile models' steps were 30%
+slower with it. Hence opt-in: the entry points' --keep_freed_memory; `python -m benchmarks.host_allocator` measures
+both settings per model and framework (docs/performance.md has the figures).
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ def is_glibc() -> bool:
 def keep_freed_memory() -> bool:
   """Sets glibc's allocator as the module says; returns whether it was set (False with another C library).
 
-  Call it before JAX's backend starts (the entry points do, unless --nokeep_freed_memory): a thread that allocated
+  Call it before JAX's backend starts (the entry points do with --keep_freed_memory): a thread that allocated
   before keeps a heap of its own, and a block of over 64 MB there is mapped and unmapped as before."""
   if not is_glibc():
     return False
