@@ -5,8 +5,10 @@
 
 The allocator is set once per process, before any thread allocates, so every (model, mode, framework, setting) runs
 in a process of its own: fcnjax's jitted step (compare_torch's runners, batch 2, 224x224) or PyTorch eager's, on the
-same threads. Reported per run: the median seconds of a step after `--warmup` steps, the slowest step (a heap that
-grows faults its new pages in), page faults per step (getrusage's minor faults) and the process's peak RSS.
+same threads. Each fcnjax run compiles its step, or with --compilation_cache loads it from JAX's persistent cache as
+a repeated command does (how fast a step then runs differs with the allocator setting). Reported per run: the
+median seconds of a step after `--warmup` steps, the slowest step (a heap that grows faults its new pages in), page
+faults per step (getrusage's minor faults) and the process's peak RSS.
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--steps", type=int, default=10, help="timed steps")
   p.add_argument("--warmup", type=int, default=3, help="untimed steps first (the heap grows in the first ones)")
   p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all allowed cores)")
+  p.add_argument("--compilation_cache", default="",
+                 help="fcnjax's runs load their step from JAX's persistent cache in this folder, as a repeated "
+                      "command does (a first run per model and mode fills it); default: each run compiles its own")
   p.add_argument("--run", default="", help=argparse.SUPPRESS)  # internal: one run, 'model:mode:framework:setting'
   return p.parse_args(argv)
 
@@ -55,6 +60,8 @@ def run_one(spec: str, args) -> dict:
   else:
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
+    from fcnjax import compilation_cache  # pylint: disable=g-import-not-at-top
+    compilation_cache.enable(args.compilation_cache)  # '' leaves it off
     model = compare_torch.fcnjax_model(name, cli_args.num_classes, "float32")
     variables = jax.tree.map(np.asarray, jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(
         images[:1]))
@@ -69,6 +76,15 @@ def run_one(spec: str, args) -> dict:
           "peak RSS GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}
 
 
+def _run_child(spec: str, args, steps: int, warmup: int) -> dict:
+  command = [sys.executable, "-m", "benchmarks.host_allocator", f"--run={spec}", f"--steps={steps}",
+             f"--warmup={warmup}", f"--threads={args.threads}", f"--compilation_cache={args.compilation_cache}"]
+  result = subprocess.run(command, capture_output=True, text=True, check=False)
+  if result.returncode:
+    raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> None:
   args = parse_args(argv)
   if args.run:
@@ -78,14 +94,11 @@ def main(argv=None) -> None:
   for name in args.models.split(","):
     for mode in args.modes.split(","):
       for framework in args.frameworks.split(","):
+        if args.compilation_cache and framework == "fcnjax":
+          _run_child(f"{name}:{mode}:{framework}:0", args, steps=1, warmup=0)  # fills the cache
         for setting in ("0", "1"):
-          command = [sys.executable, "-m", "benchmarks.host_allocator", f"--run={name}:{mode}:{framework}:{setting}",
-                     f"--steps={args.steps}", f"--warmup={args.warmup}", f"--threads={args.threads}"]
           start = time.perf_counter()
-          result = subprocess.run(command, capture_output=True, text=True, check=False)
-          if result.returncode:
-            raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-          row = json.loads(result.stdout.strip().splitlines()[-1])
+          row = _run_child(f"{name}:{mode}:{framework}:{setting}", args, args.steps, args.warmup)
           rows.append(row)
           print(f"{name} {mode} {framework}, {row['setting']}: {row['step s']:.3f} s/step "
                 f"({time.perf_counter() - start:.0f} s)", flush=True)
@@ -93,7 +106,8 @@ def main(argv=None) -> None:
                 "faults/step": f"{r['faults/step']:,.0f}", "peak RSS GB": f"{r['peak RSS GB']:.2f}"} for r in rows]
   print(harness.markdown_table(formatted, ["model", "mode", "framework", "setting", "step s", "slowest s",
                                            "faults/step", "peak RSS GB"]))
-  print(f"{os.cpu_count()} CPUs; {args.warmup} warm-up + {args.steps} timed steps, batch 2, 224x224, float32")
+  print(f"{os.cpu_count()} CPUs; {args.warmup} warm-up + {args.steps} timed steps, batch 2, 224x224, float32; fcnjax's "
+        f"steps {'from the persistent cache' if args.compilation_cache else 'compiled in the process'}")
 
 
 if __name__ == "__main__":

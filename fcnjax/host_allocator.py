@@ -9,10 +9,11 @@ fault none.
 
 What that is worth depends on what a page fault costs, which on a 2-core Xeon VM varied from run to run: perf put
 up to 65% of fcn_resnet101's train step in the kernel's page zeroing, and the large models' train steps gained
-0-35%. It costs memory (the process keeps its peak, and the heap grows to hold a step's block
-beside what fragments it: fcn8s' train step 8.3 GB peak RSS against 4.4 GB), and the mobile models' steps were 30%
-slower with it. Hence opt-in: the entry points' --keep_freed_memory; `python -m benchmarks.host_allocator` measures
-both settings per model and framework (docs/performance.md has the figures).
+0-35%. It costs memory (the process keeps its peak, and the heap grows to hold a step's block beside what fragments
+it: fcn8s' train step 6.7-8.3 GB peak RSS against 4.0-4.4 GB), and the mobile models' steps were up to 30% slower
+with it when compiled in the same process. Hence opt-in: the entry points' --keep_freed_memory.
+`python -m benchmarks.host_allocator` measures both settings per model and framework (docs/performance.md has the
+figures).
 """
 from __future__ import annotations
 
