@@ -22,15 +22,17 @@ import sys
 import time
 
 from benchmarks import compare_torch, harness
+from fcnjax import memory
 
 SETTINGS = ("glibc default", "keep_freed_memory")
+FRAMEWORKS = ("fcnjax", "torch")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--models", default="fcn_resnet50,unet", help=f"comma-separated subset of {compare_torch.ALL_MODELS}")
   p.add_argument("--modes", default="train,infer", help="comma-separated subset of train,infer")
-  p.add_argument("--frameworks", default="fcnjax,torch", help="comma-separated subset of fcnjax,torch")
+  p.add_argument("--frameworks", default=",".join(FRAMEWORKS), help=f"comma-separated subset of {FRAMEWORKS}")
   p.add_argument("--steps", type=int, default=10, help="timed steps")
   p.add_argument("--warmup", type=int, default=3, help="untimed steps first (the heap grows in the first ones)")
   p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all allowed cores)")
@@ -38,7 +40,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="fcnjax's runs load their step from JAX's persistent cache in this folder, as a repeated "
                       "command does (a first run per model and mode fills it); default: each run compiles its own")
   p.add_argument("--run", default="", help=argparse.SUPPRESS)  # internal: one run, 'model:mode:framework:setting'
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  choices = {"--models": (args.models, compare_torch.ALL_MODELS), "--modes": (args.modes, compare_torch.MODES),
+             "--frameworks": (args.frameworks, FRAMEWORKS)}
+  for flag, (chosen, known) in choices.items():
+    unknown = [name for name in chosen.split(",") if name not in known]
+    if unknown:
+      p.error(f"{flag}: unknown {unknown}; expected some of {known}")
+  return args
 
 
 def run_one(spec: str, args) -> dict:
@@ -73,7 +82,7 @@ def run_one(spec: str, args) -> dict:
   faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
   return {"model": name, "mode": mode, "framework": framework, "setting": SETTINGS[int(setting)],
           "step s": statistics.median(seconds), "slowest s": max(seconds), "faults/step": faults / args.steps,
-          "peak RSS GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}
+          "peak RSS GB": memory.peak_rss_bytes() / 1e9}
 
 
 def _run_child(spec: str, args, steps: int, warmup: int) -> dict:
