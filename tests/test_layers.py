@@ -14,7 +14,7 @@ import torch  # noqa: E402  (a hard import: parity tests must run, never skip)
 F = torch.nn.functional
 
 from fcnjax.conversion.common import conv_transpose_kernel  # noqa: E402
-from fcnjax.ops import (ConvTranspose, bilinear_upsample_init, center_crop, conv_output_size,  # noqa: E402
+from fcnjax.ops import (BatchNorm, ConvTranspose, bilinear_upsample_init, center_crop, conv_output_size,  # noqa: E402
                         conv_transpose, crop, max_pool, pad_or_crop_to, resize, resize_bilinear_to_sizes)
 
 ATOL = 1e-5
@@ -384,3 +384,73 @@ def test_conv_output_size_matches_torch(size, kernel, stride, padding, dilation)
   out = jax.eval_shape(lambda x: flax_conv.init_with_output(jax.random.PRNGKey(0), x)[0],
                        jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32))
   assert out.shape[1] == expected
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# BatchNorm
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3), (1, 1, 2, 4), (4, 9, 9, 16)])
+def test_batch_norm_training_matches_torch(shape):
+  """Train mode: the output, the gradients of input, scale and bias (fcnjax's closed-form VJP against torch's
+  autograd), and the running statistics (the unbiased variance folded in)."""
+  rng = np.random.default_rng(sum(shape))
+  x = (3.0 + 2.0 * rng.standard_normal(shape)).astype(np.float32)
+  upstream = rng.standard_normal(shape).astype(np.float32)
+  channels = shape[-1]
+  scale, bias = (1 + 0.3 * rng.standard_normal(channels)).astype(np.float32), rng.standard_normal(channels)
+  mean, var = rng.standard_normal(channels).astype(np.float32), (0.5 + rng.random(channels)).astype(np.float32)
+
+  torch_bn = torch.nn.BatchNorm2d(channels, momentum=0.1).train()
+  with torch.no_grad():
+    torch_bn.weight.copy_(torch.from_numpy(scale))
+    torch_bn.bias.copy_(torch.from_numpy(bias.astype(np.float32)))
+    torch_bn.running_mean.copy_(torch.from_numpy(mean))
+    torch_bn.running_var.copy_(torch.from_numpy(var))
+  torch_x = nchw(x).requires_grad_(True)
+  torch_y = torch_bn(torch_x)
+  torch_y.backward(nchw(upstream))
+
+  variables = {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias, jnp.float32)},
+               "batch_stats": {"mean": jnp.asarray(mean), "var": jnp.asarray(var)}}
+  module = BatchNorm(use_running_average=False)
+
+  def forward(params, inputs):
+    return module.apply({**variables, "params": params}, inputs, mutable=["batch_stats"])
+
+  (y, updated), vjp = jax.vjp(forward, variables["params"], jnp.asarray(x))
+  zero_stats = jax.tree.map(jnp.zeros_like, updated)
+  param_grads, x_grad = vjp((jnp.asarray(upstream), zero_stats))
+  np.testing.assert_allclose(np.asarray(y), nhwc(torch_y), atol=ATOL, rtol=0)
+  np.testing.assert_allclose(np.asarray(x_grad), nhwc(torch_x.grad), atol=ATOL, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(param_grads["scale"]), torch_bn.weight.grad.numpy(), atol=1e-4, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(param_grads["bias"]), torch_bn.bias.grad.numpy(), atol=1e-4, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(updated["batch_stats"]["mean"]), torch_bn.running_mean.numpy(), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(updated["batch_stats"]["var"]), torch_bn.running_var.numpy(), atol=1e-5)
+  # Eval mode with those running statistics, as torch's.
+  torch_bn.eval()
+  eval_y = BatchNorm(use_running_average=True).apply({**variables, **updated}, jnp.asarray(x))
+  np.testing.assert_allclose(np.asarray(eval_y), nhwc(torch_bn(nchw(x))).copy(), atol=ATOL, rtol=0)
+
+
+def test_batch_norm_gradient_equals_autodiff_of_the_two_pass_formula():
+  """The closed-form VJP is the derivative of the forward formula, up to float32 rounding."""
+  from fcnjax.ops.batch_norm import normalize_with_batch_statistics  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.standard_normal((2, 6, 5, 8)) * 4 + 1, jnp.float32)
+  scale, bias = jnp.asarray(rng.standard_normal(8), jnp.float32), jnp.asarray(rng.standard_normal(8), jnp.float32)
+  upstream = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+  def two_pass(x, scale, bias):
+    mean = jnp.mean(x, axis=(0, 1, 2))
+    var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+    return (x - mean) * (scale * jax.lax.rsqrt(var + 1e-5)) + bias
+
+  def loss(normalize):
+    return lambda *args: jnp.sum(normalize(*args) * upstream)
+
+  closed_form = jax.grad(loss(lambda *a: normalize_with_batch_statistics(*a, 1e-5)[0]), argnums=(0, 1, 2))(
+      x, scale, bias)
+  autodiff = jax.grad(loss(two_pass), argnums=(0, 1, 2))(x, scale, bias)
+  for ours, reference in zip(closed_form, autodiff):
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), atol=2e-5, rtol=1e-5)

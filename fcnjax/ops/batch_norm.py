@@ -1,6 +1,7 @@
 """torch.nn.BatchNorm2d on NHWC: PyTorch's statistics, flax's variable names."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -9,6 +10,46 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def normalize_with_batch_statistics(x: Array, scale: Array, bias: Array, epsilon: float):
+  """Training-mode batch normalisation of float32 `x` over every axis but the last: (y, mean, biased variance).
+
+  The variance takes two passes, as PyTorch's (no E[x^2] - E[x]^2 cancellation). The gradient is PyTorch's closed
+  form, two sums over the batch and one element-wise pass,
+      dx = scale / sigma * (dy - mean(dy) - x_hat * mean(dy * x_hat)),
+  where differentiating the two-pass variance would add a reduction and several element-wise passes over the
+  activations (benchmarks/batch_norm.py times both). The returned statistics feed the running averages only and
+  carry no gradient, as under jax.lax.stop_gradient.
+  """
+  (y, mean, var), _ = _normalize_forward(x, scale, bias, epsilon)
+  return y, mean, var
+
+
+def _normalize_forward(x, scale, bias, epsilon):
+  axes = tuple(range(x.ndim - 1))
+  mean = jnp.mean(x, axis=axes)
+  var = jnp.mean(jnp.square(x - mean), axis=axes)
+  inverse_std = jax.lax.rsqrt(var + epsilon)
+  y = (x - mean) * (scale * inverse_std) + bias
+  return (y, mean, var), (x, mean, inverse_std, scale)
+
+
+def _normalize_backward(epsilon, residuals, cotangents):
+  del epsilon
+  x, mean, inverse_std, scale = residuals
+  dy = cotangents[0]  # the statistics' cotangents are ignored: they carry no gradient
+  axes = tuple(range(x.ndim - 1))
+  x_hat = (x - mean) * inverse_std
+  dy_mean = jnp.mean(dy, axis=axes)
+  dy_x_hat_mean = jnp.mean(dy * x_hat, axis=axes)
+  dx = (scale * inverse_std) * (dy - dy_mean - x_hat * dy_x_hat_mean)
+  count = math.prod(x.shape[:-1])
+  return dx, dy_x_hat_mean * count, dy_mean * count
+
+
+normalize_with_batch_statistics.defvjp(_normalize_forward, _normalize_backward)
 
 
 class BatchNorm(nn.Module):
@@ -34,18 +75,14 @@ class BatchNorm(nn.Module):
     scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
     x32 = x.astype(jnp.float32)
+    scale32, bias32 = scale.astype(jnp.float32), bias.astype(jnp.float32)
     if self.use_running_average:
-      mean, var = running_mean.value, running_var.value
-    else:
-      axes = tuple(range(x.ndim - 1))
+      y = (x32 - running_mean.value) * (scale32 * jax.lax.rsqrt(running_var.value + self.epsilon)) + bias32
+      return y.astype(self.dtype or x.dtype)
+    y, mean, var = normalize_with_batch_statistics(x32, scale32, bias32, self.epsilon)
+    if not self.is_initializing():
       count = math.prod(x.shape[:-1])
-      mean = jnp.mean(x32, axis=axes)
-      var = jnp.mean(jnp.square(x32 - mean), axis=axes)  # two passes, as PyTorch: no E[x^2] - E[x]^2 cancellation
-      if not self.is_initializing():
-        unbiased = var * (count / max(count - 1, 1))
-        running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
-        running_var.value = (1 - self.momentum) * running_var.value + self.momentum * unbiased
-    multiplier = scale.astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)
-    y = (x32 - mean) * multiplier + bias.astype(jnp.float32)
+      unbiased = var * (count / max(count - 1, 1))
+      running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
+      running_var.value = (1 - self.momentum) * running_var.value + self.momentum * unbiased
     return y.astype(self.dtype or x.dtype)
-
