@@ -8,7 +8,7 @@ from typing import Callable
 
 from absl import app, flags, logging
 
-from fcnjax import compilation_cache, diskspace, host_allocator, parallel
+from fcnjax import compilation_cache, diskspace, host_allocator, inference, parallel
 
 flags.DEFINE_string("compilation_cache", None, "Folder of JAX's persistent compilation cache (default: "
                     "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/fcnjax/xla or $FCNJAX_CACHE_DIR/xla); '' turns it off.")
@@ -77,10 +77,12 @@ def define_run_inference_flags() -> None:
   flags.DEFINE_integer("tile", 0, "Overlap-tile inference with tiles of this size (0: whole image).")
   flags.DEFINE_integer("tile_margin", -1, "Context discarded at each tile side (-1: tile // 8).")
   flags.DEFINE_bool("blend", False, "Blend half-overlapping tiles with a Gaussian window.")
-  flags.DEFINE_bool("flip_tta", False, "Average with the horizontally flipped prediction.")
+  flags.DEFINE_enum("tta", "none", list(inference.TTA_MODES),
+                    "Test-time augmentation: average over the image and its mirror (flip) or over the 8 symmetries "
+                    "of the square (d4).")
 
 
 def segmenter_options() -> dict:
   """The Segmenter's options from the flags of define_run_inference_flags."""
   f = flags.FLAGS
-  return dict(tile=f.tile, tile_margin=f.tile_margin, blend=f.blend, flip_tta=f.flip_tta)
+  return dict(tile=f.tile, tile_margin=f.tile_margin, blend=f.blend, tta=f.tta)

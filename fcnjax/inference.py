@@ -23,16 +23,37 @@ def make_predict_fn(apply_fn: Callable) -> Callable:
   return jax.jit(functools.partial(steps.predict_step, apply_fn=apply_fn))
 
 
-def _with_flips(predict_fn, variables, images: np.ndarray, flip_tta: bool) -> np.ndarray:
-  logits = np.asarray(predict_fn(variables, images))
-  if flip_tta:
-    flipped = np.asarray(predict_fn(variables, np.ascontiguousarray(images[:, :, ::-1])))[:, :, ::-1]
-    logits = (logits + flipped) / 2
-  return logits
+# Test-time augmentation: the prediction averaged over transformed copies of the input, each mapped back.
+# "flip": the image and its left-right mirror; "d4": the 8 symmetries of the square (4 rotations by 90 degrees, each
+# with and without the mirror), for images with no orientation such as EM or satellite tiles. A non-square input
+# rotated by 90 degrees has another shape, so whole-image "d4" compiles the model for both.
+TTA_MODES = ("none", "flip", "d4")
+
+
+def tta_symmetries(tta: str) -> list[tuple[int, bool]]:
+  """(quarter turns, mirrored) of each transformed copy."""
+  if tta not in TTA_MODES:
+    raise ValueError(f"tta={tta!r}: expected one of {', '.join(TTA_MODES)}")
+  turns = range(4) if tta == "d4" else range(1)
+  mirrors = (False, True) if tta in ("flip", "d4") else (False,)
+  return [(k, mirrored) for k in turns for mirrored in mirrors]
+
+
+def _with_tta(predict_fn, variables, images: np.ndarray, tta: str) -> np.ndarray:
+  """Mean logits over the transformed copies of an NHWC batch, each mapped back to the input's frame."""
+  total = None
+  symmetries = tta_symmetries(tta)
+  for turns, mirrored in symmetries:
+    transformed = images[:, :, ::-1] if mirrored else images
+    transformed = np.ascontiguousarray(np.rot90(transformed, turns, axes=(1, 2)))
+    logits = np.rot90(np.asarray(predict_fn(variables, transformed)), -turns, axes=(1, 2))
+    logits = logits[:, :, ::-1] if mirrored else logits
+    total = logits if total is None else total + logits
+  return np.ascontiguousarray(total / len(symmetries)) if len(symmetries) > 1 else np.asarray(total)
 
 
 def predict_whole(predict_fn, variables, image: np.ndarray, input_size: int | None = None,
-                  flip_tta: bool = False) -> np.ndarray:
+                  tta: str = "none") -> np.ndarray:
   """Logits (H, W, C) at the image's own size for a normalised (H, W, 3) image.
 
   With `input_size`, the image is resized to input_size^2 for the model and the logits are resized back
@@ -42,7 +63,7 @@ def predict_whole(predict_fn, variables, image: np.ndarray, input_size: int | No
   batch = image[None]
   if input_size:
     batch = np.asarray(ops.resize(jnp.asarray(batch), (input_size, input_size), "bilinear"))
-  logits = _with_flips(predict_fn, variables, batch, flip_tta)
+  logits = _with_tta(predict_fn, variables, batch, tta)
   if logits.shape[1:3] != (h, w):
     logits = np.asarray(ops.resize(jnp.asarray(logits), (h, w), "bilinear"))
   return logits[0]
@@ -61,7 +82,7 @@ def _gaussian_window(size: int) -> np.ndarray:
 
 
 def predict_tiled(predict_fn, variables, image: np.ndarray, tile_size: int, margin: int, batch_size: int = 4,
-                  blend: bool = False, flip_tta: bool = False) -> np.ndarray:
+                  blend: bool = False, tta: str = "none") -> np.ndarray:
   """Overlap-tile logits (H, W, C) for a normalised (H, W, 3) image of any size."""
   if not 0 <= 2 * margin < tile_size:
     raise ValueError(f"tile margin {margin} leaves no centre in a {tile_size}-pixel tile")
@@ -81,7 +102,7 @@ def predict_tiled(predict_fn, variables, image: np.ndarray, tile_size: int, marg
     tiles = np.stack([padded[y:y + tile_size, x:x + tile_size] for y, x in chunk])
     if len(chunk) < batch_size:  # keep one input shape: one compilation
       tiles = np.concatenate([tiles, np.repeat(tiles[-1:], batch_size - len(chunk), axis=0)])
-    logits = _with_flips(predict_fn, variables, tiles, flip_tta)
+    logits = _with_tta(predict_fn, variables, tiles, tta)
     if accumulated is None:
       accumulated = np.zeros((out_h, out_w, logits.shape[-1]), np.float32)
     for (y, x), tile_logits in zip(chunk, logits):

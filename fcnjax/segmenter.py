@@ -34,23 +34,24 @@ class Segmenter:
   The model is compiled once per input shape: a stream of photos of many sizes compiles once per size, unless
   `bucket=B` pads each image (mirroring its edges) up to multiples of B pixels, so that sizes share compilations;
   the padding is cut from the logits. With `tile=T` every image is predicted by overlap tiles of T x T (one
-  compilation in all; `tile_margin`, `blend`: see fcnjax.inference.predict_tiled). `flip_tta` averages with the
-  prediction of the horizontally flipped image.
+  compilation in all; `tile_margin`, `blend`: see fcnjax.inference.predict_tiled). `tta` averages the logits over
+  transformed copies of each image: "flip" with its mirror image, "d4" over the 8 symmetries of the square.
 
   Images have the model's `in_channels` channels (3 unless the model says otherwise) and are normalised with `mean`
   and `std` (one value per channel, in [0, 1] units), the data config's unless given.
   """
 
   def __init__(self, model, variables: dict, data_config=None, *, tile: int = 0, tile_margin: int = -1,
-               blend: bool = False, flip_tta: bool = False, bucket: int = 0, mean=None, std=None):
+               blend: bool = False, tta: str = "none", bucket: int = 0, mean=None, std=None):
     if bucket < 0 or tile < 0:
       raise ValueError(f"Segmenter: bucket={bucket} and tile={tile} must be >= 0")
+    inference.tta_symmetries(tta)  # an unknown mode is an error here, before anything compiles
     self.model = model
     self.variables = variables
     self.data_config = data.resolve(data_config)
     self.channels = _image_channels(model)
     self.mean, self.std = _statistics(self.data_config, self.channels, mean, std)
-    self.tile, self.blend, self.flip_tta, self.bucket = tile, blend, flip_tta, bucket
+    self.tile, self.blend, self.tta, self.bucket = tile, blend, tta, bucket
     self.tile_margin = tile // 8 if tile_margin < 0 else tile_margin
     self._predict_fn = inference.make_predict_fn(model.apply)
 
@@ -101,13 +102,13 @@ class Segmenter:
     normalized = normalize_with(image, self.mean, self.std)
     if self.tile:
       return inference.predict_tiled(self._predict_fn, self.variables, normalized, self.tile, self.tile_margin,
-                                     blend=self.blend, flip_tta=self.flip_tta)
+                                     blend=self.blend, tta=self.tta)
     h, w = normalized.shape[:2]
     if self.bucket:
       padded_h, padded_w = (-(-size // self.bucket) * self.bucket for size in (h, w))
       normalized = np.pad(normalized, ((0, padded_h - h), (0, padded_w - w), (0, 0)), mode="symmetric")
     logits = inference.predict_whole(self._predict_fn, self.variables, normalized,
-                                     input_size=self.data_config.eval_size or None, flip_tta=self.flip_tta)
+                                     input_size=self.data_config.eval_size or None, tta=self.tta)
     return logits[:h, :w]
 
   def labels(self, image: np.ndarray) -> np.ndarray:

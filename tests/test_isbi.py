@@ -235,6 +235,7 @@ def isbi_run(isbi_crops, tmp_path_factory):
   """The ISBI experiment (elastic deformation, border weights, weighted BCE) on the crops, 40 steps of a small
   U-Net."""
   config = load_experiment("isbi_unet")
+  config.data.border_weight = True
   config.model.base_width = 8
   config.model.depth = 2
   config.data.root = str(isbi_crops)
@@ -275,11 +276,17 @@ def test_isbi_pipeline_trains_with_border_weights(isbi_run, isbi_crops):
 @pytest.mark.slow
 def test_isbi_evaluate_tiled_prints_challenge_metrics(isbi_run):
   _, workdir = isbi_run
-  result = run_python("-m", "fcnjax.evaluate", f"--workdir={workdir}", "--tile=32", "--checkpoint=latest")
+  result = run_python("-m", "fcnjax.evaluate", f"--workdir={workdir}", "--tile=32", "--tta=d4", "--checkpoint=latest")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "pixel_error" in result.stdout and "rand_error" in result.stdout
   record = json.loads((workdir / "evaluation.json").read_text())
-  assert record["tile"] == 32
+  assert record["tile"] == 32 and record["tta"] == "d4"
+  # benchmarks/binary_errors.py takes the same logits: its pixel error at logit 0 is evaluate's.
+  analysis = run_python("-m", "benchmarks.binary_errors", f"--workdir={workdir}", "--tile=32", "--tta=d4",
+                        "--checkpoint=latest")
+  assert analysis.returncode == 0, analysis.stderr[-3000:]
+  assert f"pixel error {record['pixel_error']:.4f}" in analysis.stdout, analysis.stdout
+  assert f"| +0.00 | {record['pixel_error']:.4f} |" in analysis.stdout, analysis.stdout
   # The challenge metrics (from the label maps) and the confusion matrix's scores are two counts of the same
   # predictions: they agree on the binary problem.
   np.testing.assert_allclose(record["pixel_error"], 1.0 - record["pixel_accuracy"], atol=1e-9)

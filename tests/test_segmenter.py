@@ -67,6 +67,14 @@ def test_predict_takes_paths_pil_images_lists_and_batches(tiny_unet, tmp_path):
     seg.predict(image.astype(np.float32))
 
 
+def test_unknown_options_are_errors_before_compiling(tiny_unet):
+  model, variables = tiny_unet
+  with pytest.raises(ValueError, match="tta='flips': expected one of none, flip, d4"):
+    Segmenter(model, variables, tta="flips")
+  with pytest.raises(ValueError, match="bucket=-1"):
+    Segmenter(model, variables, bucket=-1)
+
+
 def test_buckets_share_compilations_and_keep_the_output_size(tiny_unet):
   model, variables = tiny_unet
   seg = Segmenter(model, variables, bucket=32)

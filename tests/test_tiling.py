@@ -116,25 +116,53 @@ def _flip_symmetric(variables):
   return jax.tree.map(lambda a: (a + a[:, ::-1]) / 2 if a.ndim == 4 else a, variables)
 
 
+def _square_symmetric(variables):
+  """Every kernel averaged over the 8 symmetries of the square: the net then commutes with all of them."""
+  def symmetrise(a):
+    copies = [np.rot90(m, k, axes=(0, 1)) for m in (a, a[:, ::-1]) for k in range(4)]
+    return sum(copies) / 8
+  return jax.tree.map(lambda a: symmetrise(np.asarray(a)) if a.ndim == 4 else a, variables)
+
+
 @pytest.mark.parametrize("blend", [False, True])
-def test_flip_tta_of_flip_symmetric_model_changes_nothing(blend):
+@pytest.mark.parametrize("tta, symmetric_variables", [("flip", _flip_symmetric), ("d4", _square_symmetric)])
+def test_tta_of_symmetric_model_changes_nothing(blend, tta, symmetric_variables):
   variables, predict_fn = _model_and_fn(SmallConvNet())
-  symmetric = _flip_symmetric(variables)
+  symmetric = symmetric_variables(variables)
   image = _image(37, 53, seed=2)
   plain = inference.predict_tiled(predict_fn, symmetric, image, 24, 4, blend=blend)
-  tta = inference.predict_tiled(predict_fn, symmetric, image, 24, 4, blend=blend, flip_tta=True)
-  np.testing.assert_allclose(tta, plain, atol=TOLERANCE, rtol=0)
+  averaged = inference.predict_tiled(predict_fn, symmetric, image, 24, 4, blend=blend, tta=tta)
+  np.testing.assert_allclose(averaged, plain, atol=TOLERANCE, rtol=0)
   # ...while for the original, asymmetric kernels TTA does change the logits (the check can fail).
-  asymmetric = inference.predict_tiled(predict_fn, variables, image, 24, 4, blend=blend, flip_tta=True)
+  asymmetric = inference.predict_tiled(predict_fn, variables, image, 24, 4, blend=blend, tta=tta)
   assert np.abs(asymmetric - inference.predict_tiled(predict_fn, variables, image, 24, 4, blend=blend)).max() > 1e-3
 
 
-def test_flip_tta_whole_image_of_flip_symmetric_model():
+@pytest.mark.parametrize("tta, symmetric_variables", [("flip", _flip_symmetric), ("d4", _square_symmetric)])
+def test_tta_whole_image_of_symmetric_model(tta, symmetric_variables):
+  # 21x30: the quarter-turned copies of "d4" have another shape, and come back to this one.
   variables, predict_fn = _model_and_fn(SmallConvNet())
-  symmetric = _flip_symmetric(variables)
+  symmetric = symmetric_variables(variables)
   image = _image(21, 30, seed=3)
-  np.testing.assert_allclose(inference.predict_whole(predict_fn, symmetric, image, flip_tta=True),
+  np.testing.assert_allclose(inference.predict_whole(predict_fn, symmetric, image, tta=tta),
                              inference.predict_whole(predict_fn, symmetric, image), atol=TOLERANCE, rtol=0)
+
+
+def test_flip_symmetric_model_is_not_square_symmetric():
+  # "d4" must use the quarter turns: a model symmetric under the mirror alone is changed by them.
+  variables, predict_fn = _model_and_fn(SmallConvNet())
+  flip_only = _flip_symmetric(variables)
+  image = _image(24, 24, seed=4)
+  plain = inference.predict_whole(predict_fn, flip_only, image)
+  np.testing.assert_allclose(inference.predict_whole(predict_fn, flip_only, image, tta="flip"), plain,
+                             atol=TOLERANCE, rtol=0)
+  assert np.abs(inference.predict_whole(predict_fn, flip_only, image, tta="d4") - plain).max() > 1e-3
+
+
+def test_unknown_tta_is_an_error():
+  variables, predict_fn = _model_and_fn(SmallConvNet())
+  with pytest.raises(ValueError, match="tta='rot'"):
+    inference.predict_whole(predict_fn, variables, _image(8, 8), tta="rot")
 
 
 def test_margin_leaving_no_centre_is_an_error():
