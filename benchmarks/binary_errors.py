@@ -17,6 +17,7 @@ import argparse
 import numpy as np
 import scipy.ndimage
 
+from fcnjax import inference
 from fcnjax.data import sources
 from fcnjax.segmenter import Segmenter
 
@@ -37,14 +38,15 @@ def main():
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--checkpoint", default="best", choices=("best", "latest"))
   parser.add_argument("--tile", type=int, default=0)
-  parser.add_argument("--tta", default="none")
+  parser.add_argument("--tta", default="none", choices=inference.TTA_MODES)
   args = parser.parse_args()
   segmenter = Segmenter.from_run(args.workdir, args.checkpoint, tile=args.tile, tta=args.tta)
   examples = sources.load_split(segmenter.data_config, "validation").examples
   logits, truths = [], []
   for i in range(len(examples)):
-    logits.append(segmenter.logits(examples[i]["image"])[..., 0])
-    truths.append(examples[i]["mask"].astype(bool))
+    example = examples[i]  # a folder split reads the files on each access
+    logits.append(segmenter.logits(example["image"])[..., 0])
+    truths.append(example["mask"].astype(bool))
   if logits[0].ndim != 2:
     raise SystemExit(f"{args.workdir}: not a one-logit binary model")
   logits, truths = np.stack(logits), np.stack(truths)

@@ -47,8 +47,8 @@ def main(argv):
     print(metrics.format_table(summary, info.class_names))
     for name, value in challenge.items():
       print(f"{name:>16s}: {value:.4f}")
-    record = {"step": step, "checkpoint": FLAGS.checkpoint, "tile": FLAGS.tile, "tta": FLAGS.tta, "images": FLAGS.images, **challenge,
-              **{k: v for k, v in summary.items() if not isinstance(v, str)}}
+    record = {"step": step, "checkpoint": FLAGS.checkpoint, "tile": FLAGS.tile, "tta": FLAGS.tta,
+              "images": FLAGS.images, **challenge, **{k: v for k, v in summary.items() if not isinstance(v, str)}}
     with open(os.path.join(FLAGS.workdir, "evaluation.json"), "w") as f:
       json.dump({k: reporting.to_json_value(v) for k, v in record.items()}, f, indent=2)
 

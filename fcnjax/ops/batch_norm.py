@@ -12,28 +12,37 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def normalize_with_batch_statistics(x: Array, scale: Array, bias: Array, epsilon: float):
+def _affine(x, mean, var, scale, bias, epsilon):
+  return (x - mean) * (scale * jax.lax.rsqrt(var + epsilon)) + bias
+
+
+def normalize_two_pass(x: Array, scale: Array, bias: Array, epsilon: float):
   """Training-mode batch normalisation of float32 `x` over every axis but the last: (y, mean, biased variance).
 
-  The variance takes two passes, as PyTorch's (no E[x^2] - E[x]^2 cancellation). The gradient is PyTorch's closed
-  form, two sums over the batch and one element-wise pass,
-      dx = scale / sigma * (dy - mean(dy) - x_hat * mean(dy * x_hat)),
-  where differentiating the two-pass variance would add a reduction and several element-wise passes over the
-  activations (benchmarks/batch_norm.py times both). The returned statistics feed the running averages only and
-  carry no gradient, as under jax.lax.stop_gradient.
+  The variance takes two passes, as PyTorch's (no E[x^2] - E[x]^2 cancellation). This is the formula JAX
+  differentiates by itself; BatchNorm uses normalize_with_batch_statistics, the same values with the closed-form
+  gradient (tests/test_layers.py checks one against the other, benchmarks/batch_norm.py times both).
   """
-  (y, mean, var), _ = _normalize_forward(x, scale, bias, epsilon)
-  return y, mean, var
-
-
-def _normalize_forward(x, scale, bias, epsilon):
   axes = tuple(range(x.ndim - 1))
   mean = jnp.mean(x, axis=axes)
   var = jnp.mean(jnp.square(x - mean), axis=axes)
-  inverse_std = jax.lax.rsqrt(var + epsilon)
-  y = (x - mean) * (scale * inverse_std) + bias
-  return (y, mean, var), (x, mean, inverse_std, scale)
+  return _affine(x, mean, var, scale, bias, epsilon), mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def normalize_with_batch_statistics(x: Array, scale: Array, bias: Array, epsilon: float):
+  """normalize_two_pass with PyTorch's closed-form gradient: two sums over the batch and one element-wise pass,
+      dx = scale / sigma * (dy - mean(dy) - x_hat * mean(dy * x_hat)),
+  where differentiating the two-pass variance adds a reduction and several element-wise passes over the
+  activations. The returned statistics feed the running averages only and carry no gradient, as under
+  jax.lax.stop_gradient.
+  """
+  return normalize_two_pass(x, scale, bias, epsilon)
+
+
+def _normalize_forward(x, scale, bias, epsilon):
+  y, mean, var = normalize_two_pass(x, scale, bias, epsilon)
+  return (y, mean, var), (x, mean, jax.lax.rsqrt(var + epsilon), scale)
 
 
 def _normalize_backward(epsilon, residuals, cotangents):
@@ -77,7 +86,7 @@ class BatchNorm(nn.Module):
     x32 = x.astype(jnp.float32)
     scale32, bias32 = scale.astype(jnp.float32), bias.astype(jnp.float32)
     if self.use_running_average:
-      y = (x32 - running_mean.value) * (scale32 * jax.lax.rsqrt(running_var.value + self.epsilon)) + bias32
+      y = _affine(x32, running_mean.value, running_var.value, scale32, bias32, self.epsilon)
       return y.astype(self.dtype or x.dtype)
     y, mean, var = normalize_with_batch_statistics(x32, scale32, bias32, self.epsilon)
     if not self.is_initializing():
