@@ -26,7 +26,8 @@ checks that the two networks really are the same one.
 Frameworks take turns in rounds (see benchmarks/harness.py). Reported per model and mode: images/s (median and
 min-max over rounds), fcnjax/torch (median of per-round ratios), time to the first step (fcnjax: cold, then warm --
 traced, lowered and compiled again in the same process after jax.clear_caches(), the executable coming from JAX's
-persistent compilation cache as in a repeated command; --no_warm_start skips it), XLA compile time, GFLOP per
+persistent compilation cache as in a repeated command; --no_warm_start skips it) and its phases (jax's tracing,
+the lowering to StableHLO, XLA's compile or the cache's load, the step itself), GFLOP per
 step from XLA's cost analysis (useful multiply-adds x 2; the same count is used for torch, as it is the same
 network), achieved GFLOP/s and its fraction of the device's peak, and peak memory:
 - fcnjax: XLA's buffer plan for the step (compiled.memory_analysis(): arguments + outputs - donated aliases + temps);
@@ -144,7 +145,7 @@ def torch_model(name: str, num_classes: int):
     for param in model.parameters():
       if param.dim() > 1 and not param.any():
         param.copy_(torch.randn(param.shape, generator=generator) * 0.01)
-  return randomize_batch_norm(model, shift_std=0.2, var_range=(0.5, 1.5), generator=generator)
+  return randomize_batch_norm(model, seed=1)
 
 
 def flax_variables_from_torch(name: str, model) -> dict:
@@ -207,12 +208,27 @@ def _planned_bytes(compiled) -> int | None:
     return None
 
 
+def _compile_in_phases(jitted, info, *args):
+  """jit's stages one by one, each timed into `info`: tracing, lowering, XLA's compile (or the cache's load)."""
+  start = time.perf_counter()
+  traced = jitted.trace(*args)
+  traced_at = time.perf_counter()
+  lowered = traced.lower()
+  lowered_at = time.perf_counter()
+  compiled = lowered.compile()
+  info.trace_s, info.lower_s = traced_at - start, lowered_at - traced_at
+  info.compile_s = time.perf_counter() - lowered_at
+  return compiled
+
+
 @dataclasses.dataclass
 class RunnerInfo:
   framework: str
   first_step_s: float = 0.0             # from nothing compiled to the end of the first step (jit: compile + step)
-  warm_first_step_s: float | None = None  # the same with the executable in JAX's persistent cache (fcnjax only)
-  compile_s: float | None = None        # XLA lower + compile (fcnjax only)
+  trace_s: float | None = None          # fcnjax only: jax's tracing of the Python function,
+  lower_s: float | None = None          # its lowering to StableHLO,
+  compile_s: float | None = None        # XLA's compile (or, warm, the load from the persistent cache)
+  warm: dict | None = None              # fcnjax only: these phases again with the executable in the persistent cache
   flops: float | None = None            # per step, XLA cost analysis of the forward (training: 3x it)
   memory_bytes: int | None = None
   memory_method: str = ""
@@ -243,8 +259,7 @@ class FcnjaxTrain:
     self.info = RunnerInfo("fcnjax", memory_method="XLA buffer plan (args + outputs - aliased + temps)")
     shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)  # the step donates them
     start = time.perf_counter()
-    self.compiled = step.lower(self.state, self.batch).compile()
-    self.info.compile_s = time.perf_counter() - start
+    self.compiled = _compile_in_phases(step, self.info, self.state, self.batch)
     before = self.state
     self._step()
     jax.block_until_ready(self.state)
@@ -281,8 +296,7 @@ class FcnjaxInfer:
     forward = jax.jit(lambda v, x: model.apply(v, x, train=False))  # every head, as torch computes them all
     self.info = RunnerInfo("fcnjax", memory_method="XLA buffer plan (args + outputs + temps)")
     start = time.perf_counter()
-    self.compiled = forward.lower(self.variables, self.images).compile()
-    self.info.compile_s = time.perf_counter() - start
+    self.compiled = _compile_in_phases(forward, self.info, self.variables, self.images)
     self.outputs = self.compiled(self.variables, self.images)
     jax.block_until_ready(self.outputs)
     self.info.first_step_s = time.perf_counter() - start
@@ -522,7 +536,9 @@ def bench_model(args, name: str, device: str, peak: harness.Peak, log, scratch: 
     if not args.no_warm_start:
       jax.clear_caches()  # traced, lowered and compiled again: the executable comes from the persistent cache
       warm = fcnjax_runner(model, mode, variables, images, masks, analyse=False)
-      ours.info.warm_first_step_s = warm.info.first_step_s
+      phases = ("trace_s", "lower_s", "compile_s")
+      ours.info.warm = {"first_step_s": warm.info.first_step_s, **{k: getattr(warm.info, k) for k in phases},
+                        "step_s": warm.info.first_step_s - sum(getattr(warm.info, k) for k in phases)}
     # Train runners update the weights; each torch runner gets its own copy so modes do not see each other's steps.
     contenders = {"fcnjax": ours}
     variants = [False] + ([] if args.no_torch_compile else [True])
@@ -580,6 +596,15 @@ def bench_model(args, name: str, device: str, peak: harness.Peak, log, scratch: 
   return rows
 
 
+def _phases(info: dict | None, with_step: bool = False) -> str:
+  keys = ("trace_s", "lower_s", "compile_s") + (("step_s",) if with_step else ())
+  if not info or info.get("compile_s") is None:
+    return ""
+  if info.get("trace_s") is None:  # ONNX Runtime: the export and the session's set-up
+    return f"{info['compile_s']:.1f}"
+  return " / ".join(f"{info[k]:.1f}" for k in keys)
+
+
 def table(rows: list[dict]) -> str:
   formatted = []
   for r in rows:
@@ -593,9 +618,10 @@ def table(rows: list[dict]) -> str:
         "model": r["model"], "mode": r["mode"], "framework": r["framework"],
         "img/s median (min-max)": spread.short(),
         "fcnjax/other": "; ".join(ratios),
-        "first step s": f"{r['first_step_s']:.1f}" + ("" if r.get("warm_first_step_s") is None
-                                                      else f" / {r['warm_first_step_s']:.1f} warm"),
-        "compile s": "" if r.get("compile_s") is None else f"{r['compile_s']:.1f}",
+        "first step s": f"{r['first_step_s']:.1f}" + ("" if not r.get("warm")
+                                                      else f" / {r['warm']['first_step_s']:.1f} warm"),
+        "trace / lower / compile s": _phases(r),
+        "warm: trace / lower / compile or load / step s": _phases(r.get("warm"), with_step=True),
         "GFLOP/step": "" if not r.get("flops_per_step") else f"{r['flops_per_step'] / 1e9:.1f}",
         "GFLOP/s": "" if r.get("achieved_gflops") is None else f"{r['achieved_gflops']:.0f}",
         "% peak": "" if r.get("fraction_of_peak") is None else f"{100 * r['fraction_of_peak']:.0f}",
@@ -603,7 +629,8 @@ def table(rows: list[dict]) -> str:
         "parity": ("" if "parity" not in r
                    else f"{r['parity']['max_abs_diff']:.1e} / {r['parity']['max_abs_output']:.1e}"),
     })
-  columns = ["model", "mode", "framework", "img/s median (min-max)", "fcnjax/other", "first step s", "compile s",
+  columns = ["model", "mode", "framework", "img/s median (min-max)", "fcnjax/other", "first step s",
+             "trace / lower / compile s", "warm: trace / lower / compile or load / step s",
              "GFLOP/step", "GFLOP/s", "% peak", "peak MiB", "parity"]
   return harness.markdown_table(formatted, columns)
 

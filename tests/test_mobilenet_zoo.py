@@ -30,7 +30,8 @@ from fcnjax.conversion.mobilenet_v3 import (convert_deeplabv3_mobilenet_v3_large
 from fcnjax.models.mobilenet_v3 import (MobileNetV3LargeTrunk, hardsigmoid, hardswish,  # noqa: E402
                                         make_divisible)
 from fcnjax.ops import depthwise  # noqa: E402
-from test_resnet import nchw_to_nhwc, randomise_batch_norm  # noqa: E402
+from test_resnet import nchw_to_nhwc  # noqa: E402
+from torch_reference import randomize_batch_norm  # noqa: E402
 
 # max|fcnjax - torch| <= RTOL * max|torch| on every compared tensor (float32 on CPU).
 RTOL = 1e-5
@@ -237,13 +238,13 @@ def test_converters_are_registered_for_the_command_line():
 def torch_lraspp():
   torch.manual_seed(0)
   model = segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=NUM_CLASSES)
-  return randomise_batch_norm(model, seed=1).eval()
+  return randomize_batch_norm(model, seed=1).eval()
 
 
 @pytest.mark.slow
 def test_mobilenet_v3_large_logits_and_features_match_torchvision():
   torch.manual_seed(0)
-  torch_model = randomise_batch_norm(torchvision.models.mobilenet_v3_large(weights=None, num_classes=10), seed=2)
+  torch_model = randomize_batch_norm(torchvision.models.mobilenet_v3_large(weights=None, num_classes=10), seed=2)
   with torch.no_grad():  # torchvision initialises the Linear layers with std 0.01: make the logits matter
     for layer in (torch_model.classifier[0], torch_model.classifier[3]):
       layer.weight.normal_(0, 0.05)
@@ -284,7 +285,7 @@ def test_deeplabv3_mobilenet_matches_torchvision_with_and_without_aux():
   torch.manual_seed(0)
   torch_model = segmentation.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, aux_loss=True,
                                                           num_classes=NUM_CLASSES)
-  torch_model = randomise_batch_norm(torch_model, seed=5).eval()
+  torch_model = randomize_batch_norm(torch_model, seed=5).eval()
   x = image(6)
   with torch.no_grad():
     expected = torch_model(x)

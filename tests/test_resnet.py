@@ -17,6 +17,7 @@ import pytest
 
 import torch  # noqa: E402  (a hard import: parity tests must run, never skip)
 import torchvision  # noqa: E402
+from torch_reference import randomize_batch_norm  # noqa: E402
 
 from fcnjax.conversion.common import ConversionError  # noqa: E402
 from fcnjax.conversion.resnet import convert_fcn_resnet50, convert_resnet50  # noqa: E402
@@ -26,19 +27,6 @@ from fcnjax.models.resnet import ResNetTrunk, resnet50, resnet_trunk  # noqa: E4
 # max|fcnjax - torch| <= RTOL * max|torch| on every compared tensor (float32 on CPU; measured ~1e-6 relative).
 RTOL = 1e-4
 NUM_CLASSES = 7  # not torchvision's default, so the converters must read it from the head's weight
-
-
-def randomise_batch_norm(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for m in model.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        n = m.num_features
-        m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-        m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-        m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-        m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-  return model
 
 
 def nchw_to_nhwc(x: torch.Tensor) -> jnp.ndarray:
@@ -62,7 +50,7 @@ def shapes(tree):
 @pytest.fixture(scope="module")
 def torch_resnet50():
   torch.manual_seed(0)
-  return randomise_batch_norm(torchvision.models.resnet50(weights=None, num_classes=10), seed=1).eval()
+  return randomize_batch_norm(torchvision.models.resnet50(weights=None, num_classes=10), seed=1).eval()
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +58,7 @@ def torch_fcn():
   torch.manual_seed(0)
   model = torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None, num_classes=NUM_CLASSES,
                                                        aux_loss=True)
-  return randomise_batch_norm(model, seed=2).eval()
+  return randomize_batch_norm(model, seed=2).eval()
 
 
 @pytest.fixture(scope="module")

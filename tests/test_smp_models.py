@@ -18,7 +18,8 @@ import torch  # a hard import: parity tests must run, never skip
 import torchvision
 
 from conftest import load_converter, record_parity
-from test_resnet import nchw_to_nhwc, randomise_batch_norm, shapes
+from test_resnet import nchw_to_nhwc, shapes
+from torch_reference import randomize_batch_norm
 from fcnjax import models
 from fcnjax.conversion import ConversionError, get_converter
 from fcnjax.conversion.smp import adapt_first_conv, convert_smp_encoder
@@ -35,7 +36,7 @@ SMP = {"smp_unet": smp.Unet, "smp_deeplabv3plus": smp.DeepLabV3Plus}
 def torch_model(name: str, encoder: str, in_channels: int, classes: int, **options) -> torch.nn.Module:
   torch.manual_seed(0)
   model = SMP[name](encoder, encoder_weights=None, in_channels=in_channels, classes=classes, **options)
-  return randomise_batch_norm(model, seed=1).eval()
+  return randomize_batch_norm(model, seed=1).eval()
 
 
 def init_shapes(name: str, in_channels: int, **options):
@@ -102,7 +103,7 @@ def test_encoder_from_imagenet_resnet_is_smps_patched_encoder():
   """A torchvision resnet18 state_dict through convert_smp_encoder is what smp builds from it: smp loads it into
   its encoder and patches the first conv for in_channels; converting that whole smp model gives the same backbone."""
   torch.manual_seed(0)
-  imagenet = randomise_batch_norm(torchvision.models.resnet18(weights=None), seed=3).state_dict()
+  imagenet = randomize_batch_norm(torchvision.models.resnet18(weights=None), seed=3).state_dict()
   for in_channels in (1, 4):  # the sum over RGB; RGB repeated and scaled
     unet = smp.Unet("resnet18", encoder_weights=None, classes=2)
     unet.encoder.load_state_dict(dict(imagenet))

@@ -16,7 +16,8 @@ import torch  # a hard import: parity tests must run, never skip
 import torchvision
 from torchvision.models import segmentation
 
-from test_resnet import assert_close, nchw_to_nhwc, randomise_batch_norm, shapes
+from test_resnet import assert_close, nchw_to_nhwc, shapes
+from torch_reference import randomize_batch_norm
 from fcnjax import models
 from fcnjax.conversion import ConversionError, get_converter
 from fcnjax.conversion.resnet import convert_layers, expected_shapes, resnet_trunk_layers
@@ -64,7 +65,7 @@ def torch_model():
   def get(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
     num_classes = NUM_CLASSES if name in SEGMENTATION else 10
-    return randomise_batch_norm(build_torch(name, num_classes), seed=len(name)).eval()
+    return randomize_batch_norm(build_torch(name, num_classes), seed=len(name)).eval()
   return get
 
 
@@ -123,7 +124,7 @@ def test_deeplab_head_on_other_channels_matches_torchvision():
   below the 9x7 map's size so that every tap of every atrous kernel reaches the features."""
   torch.manual_seed(0)
   rates = (1, 2, 5)
-  head = randomise_batch_norm(segmentation.deeplabv3.DeepLabHead(40, 5, atrous_rates=rates), seed=5).eval()
+  head = randomize_batch_norm(segmentation.deeplabv3.DeepLabHead(40, 5, atrous_rates=rates), seed=5).eval()
   variables = _head_variables(head, 40, 5)
   x = torch.randn(2, 40, 9, 7, generator=torch.Generator().manual_seed(6))
   with torch.no_grad():
@@ -146,7 +147,7 @@ def test_deeplab_head_training_gradients_and_batch_stats():
   branch's too), and the running statistics of the BatchNorms ahead of the projection's Dropout(0.5) move as
   torch's do. (The last BatchNorm sees the dropout mask, which torch and jax draw differently.)"""
   torch.manual_seed(0)
-  head = randomise_batch_norm(segmentation.deeplabv3.DeepLabHead(16, 3), seed=7)
+  head = randomize_batch_norm(segmentation.deeplabv3.DeepLabHead(16, 3), seed=7)
   variables = _head_variables(head, 16, 3)
   x = torch.randn(2, 16, 9, 7, generator=torch.Generator().manual_seed(8))
   model = DeepLabHead(num_classes=3)

@@ -4,13 +4,14 @@ from __future__ import annotations
 import torch
 
 
-def randomize_batch_norm(model: torch.nn.Module, shift_std: float, var_range: tuple[float, float],
-                         generator: torch.Generator | None = None) -> torch.nn.Module:
+def randomize_batch_norm(model: torch.nn.Module, seed: int | None = None, shift_std: float = 0.2,
+                         var_range: tuple[float, float] = (0.5, 1.5)) -> torch.nn.Module:
   """Random BatchNorm scales U(0.5, 1.5), shifts and running means N(0, shift_std), running variances U(var_range),
-  drawn from `generator` (torch's global generator when None) in module order.
+  drawn in module order from a generator seeded with `seed` (torch's global generator when None).
 
   With the 1/0 defaults eval-mode BatchNorm is nearly the identity, and a mis-assigned statistic would go unnoticed.
   """
+  generator = None if seed is None else torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for module in model.modules():
       if isinstance(module, torch.nn.BatchNorm2d):
