@@ -145,7 +145,7 @@ def torch_model(name: str, num_classes: int):
     for param in model.parameters():
       if param.dim() > 1 and not param.any():
         param.copy_(torch.randn(param.shape, generator=generator) * 0.01)
-  return randomize_batch_norm(model, seed=1)
+  return randomize_batch_norm(model, seed=generator)  # the stream that drew the zeroed weights
 
 
 def flax_variables_from_torch(name: str, model) -> dict:
