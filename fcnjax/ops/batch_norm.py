@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fcnjax.ops.params import ShapeCheckedParams
+
 Array = jax.Array
 
 
@@ -61,7 +63,7 @@ def _normalize_backward(epsilon, residuals, cotangents):
 normalize_with_batch_statistics.defvjp(_normalize_forward, _normalize_backward)
 
 
-class BatchNorm(nn.Module):
+class BatchNorm(ShapeCheckedParams, nn.Module):
   """nn.BatchNorm2d over the last (channel) axis, with PyTorch's statistics.
 
   Training normalises with the batch's biased variance and updates the running variance with the unbiased one

@@ -32,7 +32,7 @@ Same values as lax up to float32 summation order (tests/test_conv.py checks ever
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fcnjax.ops import depthwise, native, portable, windows
+from fcnjax.ops.params import ShapeCheckedParams
 
 Array = jax.Array
 NHWC_HWIO = windows.NHWC_HWIO
@@ -140,8 +141,9 @@ def drop_padding_taps(in_hw, kernel: Array, strides, pads, dilation):
   return kernel[top:bottom, left:right], tuple(new_pads)
 
 
-# Flax's convolution through this module's forms: same parameters and names as nn.Conv.
-Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+class Conv(ShapeCheckedParams, nn.Conv):
+  """Flax's convolution through this module's forms: same parameters and names as nn.Conv."""
+  conv_general_dilated: Callable = conv_general_dilated
 
 
 def _lax_conv(x, kernel, strides, pads, dilation, precision):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fcnjax.ops.params import ShapeCheckedParams
 from fcnjax.ops.windows import NHWC_HWIO, PairLike, pair
 
 Array = jax.Array
@@ -102,7 +103,7 @@ def bilinear_filter_1d(size: int) -> np.ndarray:
   return (1 - np.abs(np.arange(size) - center) / factor).astype(np.float32)
 
 
-class ConvTranspose(nn.Module):
+class ConvTranspose(ShapeCheckedParams, nn.Module):
   """nn.ConvTranspose2d with PyTorch's semantics; the kernel is torch's weight transposed to (kh, kw, in, out/g)."""
   features: int
   kernel_size: PairLike
