@@ -7,8 +7,9 @@ behind compare_torch's 'inference vs ONNX Runtime' column.
 The network is compare_torch's reference (torchvision's or smp's model, random weights and BatchNorm statistics),
 exported by PyTorch's own torch.onnx.export as compare_torch exports it and run in ONNX Runtime's default CPU
 provider with ORT's profiler on. Per operator type of the graph ORT runs (after its graph optimisations, which fold
-BatchNorm into the convolutions and fuse activations: 'FusedConv'), the nodes' count and their kernel time in ms
-per run, mean over --runs. fcnjax's jitted eval-mode forward pass is timed over the same inputs (median of --runs).
+BatchNorm into the convolutions and fuse activations and residual adds into them: on x86 its blocked-layout 'Conv'
+nodes, between 'ReorderInput' / 'ReorderOutput'), the nodes' count and their kernel time in ms per run, mean over
+--runs. fcnjax's jitted eval-mode forward pass is timed over the same inputs (median of --runs).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import time
 import numpy as np
 
 from benchmarks import compare_torch
+from fcnjax import exporting
 
 
 def parse_args(argv=None):
@@ -37,13 +39,7 @@ def parse_args(argv=None):
 
 def ort_operator_times(path: str, images_nchw: np.ndarray, threads: int, runs: int) -> tuple[dict, float]:
   """{op type: (nodes, ms per run)} from ORT's profile of `runs` runs, and the median wall ms of a run."""
-  import onnxruntime  # pylint: disable=g-import-not-at-top
-  options = onnxruntime.SessionOptions()
-  options.intra_op_num_threads = threads
-  options.inter_op_num_threads = 1
-  options.enable_profiling = True
-  options.profile_file_prefix = os.path.join(os.path.dirname(path), "ort_profile")
-  session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+  session = exporting.onnx_session(path, threads, profile_prefix=os.path.join(os.path.dirname(path), "ort_profile"))
   feed = {session.get_inputs()[0].name: images_nchw}
   session.run(None, feed)  # untimed: ORT sets its buffers up on the first run
   walls = []
@@ -81,8 +77,8 @@ def main(argv=None):
   import torch  # pylint: disable=g-import-not-at-top
   threads = args.threads or len(os.sched_getaffinity(0))
   torch.set_num_threads(threads)
-  compare_args = compare_torch.parse_args(["--batch", str(args.batch), "--size", str(args.size)])
-  images, _ = compare_torch.make_batch(compare_args)
+  images, _ = compare_torch.make_batch(argparse.Namespace(batch=args.batch, size=args.size,
+                                                         num_classes=compare_torch.NUM_CLASSES))
   torch.manual_seed(0)
   reference = compare_torch.torch_model(args.model, compare_torch.NUM_CLASSES).eval()
   with tempfile.TemporaryDirectory() as directory:

@@ -152,8 +152,9 @@ def save_onnx(segmenter, path: str, height: int, width: int, preprocessing: bool
   return path
 
 
-def onnx_session(path: str, threads: int = 0):
-  """An ONNX Runtime session on the default CPU provider; threads=0 lets ORT choose."""
+def onnx_session(path: str, threads: int = 0, profile_prefix: str | None = None):
+  """An ONNX Runtime session on the default CPU provider; threads=0 lets ORT choose. With `profile_prefix`, ORT's
+  profiler records every run into a JSON file of that prefix (session.end_profiling() names it)."""
   require("onnx")
   import onnxruntime
 
@@ -161,6 +162,9 @@ def onnx_session(path: str, threads: int = 0):
   if threads:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+  if profile_prefix:
+    options.enable_profiling = True
+    options.profile_file_prefix = profile_prefix
   try:
     return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
   except Exception as e:
