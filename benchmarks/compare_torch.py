@@ -25,9 +25,9 @@ checks that the two networks really are the same one.
 
 Frameworks take turns in rounds (see benchmarks/harness.py). Reported per model and mode: images/s (median and
 min-max over rounds), fcnjax/torch (median of per-round ratios), time to the first step (fcnjax: cold, then warm --
-traced, lowered and compiled again in the same process after jax.clear_caches(), the executable coming from JAX's
-persistent compilation cache as in a repeated command; --no_warm_start skips it) and its phases (jax's tracing,
-the lowering to StableHLO, XLA's compile or the cache's load, the step itself), GFLOP per
+the step made again in the same process after jax.clear_caches(), loaded from the executable cache's file
+(fcnjax.executable_cache) as a repeated command loads it; --no_warm_start skips it) and its phases (cold: jax's
+tracing, the lowering to StableHLO, XLA's compile; warm: the cache's key and load, the step itself), GFLOP per
 step from XLA's cost analysis (useful multiply-adds x 2; the same count is used for torch, as it is the same
 network), achieved GFLOP/s and its fraction of the device's peak, and peak memory:
 - fcnjax: XLA's buffer plan for the step (compiled.memory_analysis(): arguments + outputs - donated aliases + temps);
@@ -98,8 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--no_memory", action="store_true", help="skip the torch CPU memory probe (a subprocess per model)")
   p.add_argument("--cpu_ghz", type=float, default=None, help="CPU clock for the peak estimate (default: cpu MHz)")
   p.add_argument("--compilation_cache", default="",
-                 help="fcnjax's persistent XLA cache folder: a second run with the same folder times the warm start "
-                      "(first step s, compile s) that a repeated training command sees")
+                 help="fcnjax's persistent XLA cache folder, with the executable cache in it: a second run with the "
+                      "same folder times the start that a repeated training command sees")
   p.add_argument("--keep_freed_memory", action="store_true",
                  help="fcnjax.host_allocator.keep_freed_memory(), as the entry points' --keep_freed_memory (for the "
                       "whole process: torch runs with it too)")
@@ -208,17 +208,15 @@ def _planned_bytes(compiled) -> int | None:
     return None
 
 
-def _compile_in_phases(jitted, info, *args):
-  """jit's stages one by one, each timed into `info`: tracing, lowering, XLA's compile (or the cache's load)."""
-  start = time.perf_counter()
-  traced = jitted.trace(*args)
-  traced_at = time.perf_counter()
-  lowered = traced.lower()
-  lowered_at = time.perf_counter()
-  compiled = lowered.compile()
-  info.trace_s, info.lower_s = traced_at - start, lowered_at - traced_at
-  info.compile_s = time.perf_counter() - lowered_at
-  return compiled
+def _compile_timed(step, info, *args):
+  """The executable of a CachedJit for these arguments, its stages' seconds in `info`: tracing, lowering and XLA's
+  compile, or (from the executable cache, as a repeated command finds it) the key and the load."""
+  executable = step.compile(*args)
+  seconds = executable.stage_seconds
+  info.trace_s, info.lower_s, info.compile_s = (seconds.get(k) for k in ("trace", "lower", "compile"))
+  if executable.loaded:
+    info.load_s = seconds["key"] + seconds["load"]
+  return executable.compiled
 
 
 @dataclasses.dataclass
@@ -227,8 +225,9 @@ class RunnerInfo:
   first_step_s: float = 0.0             # from nothing compiled to the end of the first step (jit: compile + step)
   trace_s: float | None = None          # fcnjax only: jax's tracing of the Python function,
   lower_s: float | None = None          # its lowering to StableHLO,
-  compile_s: float | None = None        # XLA's compile (or, warm, the load from the persistent cache)
-  warm: dict | None = None              # fcnjax only: these phases again with the executable in the persistent cache
+  compile_s: float | None = None        # XLA's compile (ONNX Runtime: the export and the session's set-up)
+  load_s: float | None = None           # fcnjax, warm: the executable cache's key and load
+  warm: dict | None = None              # fcnjax only: the first step again, loaded from the executable cache
   flops: float | None = None            # per step, XLA cost analysis of the forward (training: 3x it)
   memory_bytes: int | None = None
   memory_method: str = ""
@@ -238,11 +237,13 @@ class RunnerInfo:
 
 
 class FcnjaxTrain:
-  """fcnjax's jitted, donating train step; `analyse` adds its FLOPs, memory plan and donation to its info."""
+  """fcnjax's jitted, donating train step, kept in the folder `executables` as the train command keeps it;
+  `analyse` adds its FLOPs, memory plan and donation to its info."""
 
-  def __init__(self, model, variables: dict, images: np.ndarray, masks: np.ndarray, analyse: bool = True):
+  def __init__(self, model, variables: dict, images: np.ndarray, masks: np.ndarray, analyse: bool = True,
+               executables: str | None = None):
     import jax  # pylint: disable=g-import-not-at-top
-    from fcnjax import losses, optim, steps  # pylint: disable=g-import-not-at-top
+    from fcnjax import executable_cache, losses, optim, steps  # pylint: disable=g-import-not-at-top
     self.jax = jax
     variables = jax.device_put(variables)  # jax arrays, so that donation can consume them
     config = optim.default_config()
@@ -254,12 +255,14 @@ class FcnjaxTrain:
     self.batch = {"image": jax.device_put(images), "mask": jax.device_put(masks)}
     loss_config = losses.default_config()
     loss_config.aux_weight = AUX_WEIGHT
-    step = jax.jit(functools.partial(steps.train_step, loss_config=loss_config,
-                                     learning_rate_fn=lambda _: LEARNING_RATE), donate_argnums=0)
+    self.step = executable_cache.CachedJit(
+        functools.partial(steps.train_step, loss_config=loss_config, learning_rate_fn=lambda _: LEARNING_RATE),
+        f"benchmarks.compare_torch train lr={LEARNING_RATE} momentum=0.9 aux_weight={AUX_WEIGHT} "
+        f"model={executable_cache.describe_module(model)}", executables, donate_argnums=0)
     self.info = RunnerInfo("fcnjax", memory_method="XLA buffer plan (args + outputs - aliased + temps)")
     shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)  # the step donates them
     start = time.perf_counter()
-    self.compiled = _compile_in_phases(step, self.info, self.state, self.batch)
+    self.compiled = _compile_timed(self.step, self.info, self.state, self.batch)
     before = self.state
     self._step()
     jax.block_until_ready(self.state)
@@ -275,7 +278,7 @@ class FcnjaxTrain:
     self.info.donated = all(leaf.is_deleted() for leaf in jax.tree.leaves(before.params))
 
   def _step(self):
-    self.state, self.metrics = self.compiled(self.state, self.batch)
+    self.state, self.metrics = self.step(self.state, self.batch)
 
   def __call__(self, n: int) -> float:
     start = time.perf_counter()
@@ -286,18 +289,23 @@ class FcnjaxTrain:
 
 
 class FcnjaxInfer:
-  """fcnjax's jitted forward pass in eval mode; `analyse` adds its FLOPs and memory plan to its info."""
+  """fcnjax's jitted forward pass in eval mode, kept in the folder `executables`; `analyse` adds its FLOPs and
+  memory plan to its info."""
 
-  def __init__(self, model, variables: dict, images: np.ndarray, analyse: bool = True):
+  def __init__(self, model, variables: dict, images: np.ndarray, analyse: bool = True,
+               executables: str | None = None):
     import jax  # pylint: disable=g-import-not-at-top
+    from fcnjax import executable_cache  # pylint: disable=g-import-not-at-top
     self.jax = jax
     self.variables = jax.device_put(variables)
     self.images = jax.device_put(images)
-    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))  # every head, as torch computes them all
+    self.forward = executable_cache.CachedJit(  # every head, as torch computes them all
+        functools.partial(model.apply, train=False),
+        f"benchmarks.compare_torch infer model={executable_cache.describe_module(model)}", executables)
     self.info = RunnerInfo("fcnjax", memory_method="XLA buffer plan (args + outputs + temps)")
     start = time.perf_counter()
-    self.compiled = _compile_in_phases(forward, self.info, self.variables, self.images)
-    self.outputs = self.compiled(self.variables, self.images)
+    self.compiled = _compile_timed(self.forward, self.info, self.variables, self.images)
+    self.outputs = self.forward(self.variables, self.images)
     jax.block_until_ready(self.outputs)
     self.info.first_step_s = time.perf_counter() - start
     if not analyse:
@@ -308,7 +316,7 @@ class FcnjaxInfer:
   def __call__(self, n: int) -> float:
     start = time.perf_counter()
     for _ in range(n):
-      self.outputs = self.compiled(self.variables, self.images)
+      self.outputs = self.forward(self.variables, self.images)
     self.jax.block_until_ready(self.outputs)
     return time.perf_counter() - start
 
@@ -511,11 +519,12 @@ def parity(jax_outputs: dict, torch_heads: list) -> dict:
   return {"max_abs_diff": max(diffs), "max_abs_output": scale}
 
 
-def fcnjax_runner(model, mode: str, variables: dict, images: np.ndarray, masks: np.ndarray, analyse: bool = True):
+def fcnjax_runner(model, mode: str, variables: dict, images: np.ndarray, masks: np.ndarray, analyse: bool = True,
+                  executables: str | None = None):
   import jax  # pylint: disable=g-import-not-at-top
   if mode == "train":
-    return FcnjaxTrain(model, jax.tree.map(np.copy, variables), images, masks, analyse)
-  return FcnjaxInfer(model, variables, images, analyse)
+    return FcnjaxTrain(model, jax.tree.map(np.copy, variables), images, masks, analyse, executables)
+  return FcnjaxInfer(model, variables, images, analyse, executables)
 
 
 def bench_model(args, name: str, device: str, peak: harness.Peak, log, scratch: str) -> list[dict]:
@@ -532,13 +541,14 @@ def bench_model(args, name: str, device: str, peak: harness.Peak, log, scratch: 
   rows = []
   for mode in args.modes:
     log(f"{name} {mode}: compiling / first steps")
-    ours = fcnjax_runner(model, mode, variables, images, masks)
+    ours = fcnjax_runner(model, mode, variables, images, masks, executables=args.executables)
     if not args.no_warm_start:
-      jax.clear_caches()  # traced, lowered and compiled again: the executable comes from the persistent cache
-      warm = fcnjax_runner(model, mode, variables, images, masks, analyse=False)
-      phases = ("trace_s", "lower_s", "compile_s")
-      ours.info.warm = {"first_step_s": warm.info.first_step_s, **{k: getattr(warm.info, k) for k in phases},
-                        "step_s": warm.info.first_step_s - sum(getattr(warm.info, k) for k in phases)}
+      jax.clear_caches()  # nothing compiled in memory: the executable comes from the executable cache's file
+      warm = fcnjax_runner(model, mode, variables, images, masks, analyse=False, executables=args.executables)
+      loaded = warm.info.load_s if warm.info.load_s is not None else sum(
+          getattr(warm.info, k) or 0.0 for k in ("trace_s", "lower_s", "compile_s"))
+      ours.info.warm = {"first_step_s": warm.info.first_step_s, "load_s": warm.info.load_s,
+                        "step_s": warm.info.first_step_s - loaded}
     # Train runners update the weights; each torch runner gets its own copy so modes do not see each other's steps.
     contenders = {"fcnjax": ours}
     variants = [False] + ([] if args.no_torch_compile else [True])
@@ -596,13 +606,18 @@ def bench_model(args, name: str, device: str, peak: harness.Peak, log, scratch: 
   return rows
 
 
-def _phases(info: dict | None, with_step: bool = False) -> str:
-  keys = ("trace_s", "lower_s", "compile_s") + (("step_s",) if with_step else ())
+def _phases(info: dict | None) -> str:
   if not info or info.get("compile_s") is None:
     return ""
   if info.get("trace_s") is None:  # ONNX Runtime: the export and the session's set-up
     return f"{info['compile_s']:.1f}"
-  return " / ".join(f"{info[k]:.1f}" for k in keys)
+  return " / ".join(f"{info[k]:.1f}" for k in ("trace_s", "lower_s", "compile_s"))
+
+
+def _warm_phases(warm: dict | None) -> str:
+  if not warm or warm.get("load_s") is None:
+    return ""
+  return f"{warm['load_s']:.1f} / {warm['step_s']:.1f}"
 
 
 def table(rows: list[dict]) -> str:
@@ -621,7 +636,7 @@ def table(rows: list[dict]) -> str:
         "first step s": f"{r['first_step_s']:.1f}" + ("" if not r.get("warm")
                                                       else f" / {r['warm']['first_step_s']:.1f} warm"),
         "trace / lower / compile s": _phases(r),
-        "warm: trace / lower / compile or load / step s": _phases(r.get("warm"), with_step=True),
+        "warm: load / step s": _warm_phases(r.get("warm")),
         "GFLOP/step": "" if not r.get("flops_per_step") else f"{r['flops_per_step'] / 1e9:.1f}",
         "GFLOP/s": "" if r.get("achieved_gflops") is None else f"{r['achieved_gflops']:.0f}",
         "% peak": "" if r.get("fraction_of_peak") is None else f"{100 * r['fraction_of_peak']:.0f}",
@@ -630,7 +645,7 @@ def table(rows: list[dict]) -> str:
                    else f"{r['parity']['max_abs_diff']:.1e} / {r['parity']['max_abs_output']:.1e}"),
     })
   columns = ["model", "mode", "framework", "img/s median (min-max)", "fcnjax/other", "first step s",
-             "trace / lower / compile s", "warm: trace / lower / compile or load / step s",
+             "trace / lower / compile s", "warm: load / step s",
              "GFLOP/step", "GFLOP/s", "% peak", "peak MiB", "parity"]
   return harness.markdown_table(formatted, columns)
 
@@ -656,10 +671,12 @@ def main(argv=None) -> None:
   threads = harness.pin_threads(args.threads)  # before the first jax computation starts XLA's thread pool
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  from fcnjax import compilation_cache  # pylint: disable=g-import-not-at-top
+  from fcnjax import compilation_cache, executable_cache  # pylint: disable=g-import-not-at-top
   scratch_dir = tempfile.TemporaryDirectory()
+  args.executables = None
   if args.compilation_cache or not args.no_warm_start:  # a fresh cache unless one is given: the first steps start cold
-    compilation_cache.enable(args.compilation_cache or os.path.join(scratch_dir.name, "xla"))
+    cache = compilation_cache.enable(args.compilation_cache or os.path.join(scratch_dir.name, "xla"))
+    args.executables = executable_cache.directory_for(cache)
   backend = jax.default_backend()
   device = "cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu"
   if (backend == "gpu") != (device == "cuda"):

@@ -5,7 +5,7 @@
 
 The allocator is set once per process, before any thread allocates, so every (model, mode, framework, setting) runs
 in a process of its own: fcnjax's jitted step (compare_torch's runners, batch 2, 224x224) or PyTorch eager's, on the
-same threads. Each fcnjax run compiles its step, or with --compilation_cache loads it from JAX's persistent cache as
+same threads. Each fcnjax run compiles its step, or with --compilation_cache loads it from the executable cache there as
 a repeated command does (how fast a step then runs differs with the allocator setting). Reported per run: the
 median seconds of a step after `--warmup` steps, the slowest step (a heap that grows faults its new pages in), page
 faults per step (getrusage's minor faults) and the process's peak RSS.
@@ -69,12 +69,13 @@ def run_one(spec: str, args) -> dict:
   else:
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
-    from fcnjax import compilation_cache  # pylint: disable=g-import-not-at-top
-    compilation_cache.enable(args.compilation_cache)  # '' leaves it off
+    from fcnjax import compilation_cache, executable_cache  # pylint: disable=g-import-not-at-top
+    cache = compilation_cache.enable(args.compilation_cache)  # '' leaves it off
     model = compare_torch.fcnjax_model(name, cli_args.num_classes, "float32")
     variables = jax.tree.map(np.asarray, jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(
         images[:1]))
-    runner = compare_torch.fcnjax_runner(model, mode, variables, images, masks, analyse=False)
+    runner = compare_torch.fcnjax_runner(model, mode, variables, images, masks, analyse=False,
+                                         executables=executable_cache.directory_for(cache))
   for _ in range(args.warmup):
     runner(1)
   faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

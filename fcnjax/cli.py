@@ -6,12 +6,14 @@ import os
 import sys
 from typing import Callable
 
+import jax
 from absl import app, flags, logging
 
-from fcnjax import compilation_cache, diskspace, host_allocator, inference, parallel
+from fcnjax import compilation_cache, diskspace, executable_cache, host_allocator, inference, parallel
 
 flags.DEFINE_string("compilation_cache", None, "Folder of JAX's persistent compilation cache (default: "
-                    "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/fcnjax/xla or $FCNJAX_CACHE_DIR/xla); '' turns it off.")
+                    "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/fcnjax/xla or $FCNJAX_CACHE_DIR/xla), with the "
+                    "compiled steps kept whole in its executables/ folder; '' turns both off.")
 flags.DEFINE_bool("keep_freed_memory", False, "Keep the memory a step frees for the next step (glibc): CPU steps "
                   "fault no pages in, but the process keeps its peak memory, and small models' steps can be slower "
                   "(fcnjax.host_allocator; docs/performance.md).")
@@ -64,6 +66,14 @@ def _without_reported_tracebacks(record) -> bool:
   return not diskspace.text_is_disk_full(record.getMessage())
 
 
+def executables_dir():
+  """Where the entry point keeps its compiled steps whole (fcnjax.executable_cache): executables/ in the persistent
+  compilation cache's folder that run() enabled; None when that cache is off or --compilation_cache is ''."""
+  if flags.FLAGS.compilation_cache == "":
+    return None
+  return executable_cache.directory_for(jax.config.jax_compilation_cache_dir)
+
+
 def default_workdir(config_path: str) -> str:
   """runs/<config file name>, e.g. runs/quickstart for experiments/quickstart.py."""
   name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
@@ -83,6 +93,6 @@ def define_run_inference_flags() -> None:
 
 
 def segmenter_options() -> dict:
-  """The Segmenter's options from the flags of define_run_inference_flags."""
+  """The Segmenter's options from the flags of define_run_inference_flags, and the compiled model's folder."""
   f = flags.FLAGS
-  return dict(tile=f.tile, tile_margin=f.tile_margin, blend=f.blend, tta=f.tta)
+  return dict(tile=f.tile, tile_margin=f.tile_margin, blend=f.blend, tta=f.tta, executables=executables_dir())

@@ -39,7 +39,7 @@ def main(argv):
     examples = evaluation.folder_examples(FLAGS.images, FLAGS.masks, config.data) if FLAGS.images else None
     confusion, challenge = evaluation.evaluate_per_image(segmenter, info, examples)
   else:
-    confusion, challenge = evaluation.evaluate_batched(config, model, variables), {}
+    confusion, challenge = evaluation.evaluate_batched(config, model, variables, cli.executables_dir()), {}
   summary = metrics.summarize(confusion, info.class_names)
   if jax.process_index() == 0:
     scored = f"{FLAGS.images} with {FLAGS.masks}" if FLAGS.images else "validation split"

@@ -14,17 +14,19 @@ import jax
 import numpy as np
 from absl import logging
 
-from fcnjax import data, metrics, parallel, steps, visualize
+from fcnjax import data, executable_cache, metrics, parallel, steps, visualize
 from fcnjax.data import folder, sources, validate
 from fcnjax.segmenter import Segmenter
 
 
-def make_eval_step(model, info: data.DatasetInfo, mesh):
-  """jitted (variables, global batch) -> confusion matrix (num_scored_classes(info) square), replicated."""
-  return jax.jit(functools.partial(steps.eval_step, apply_fn=model.apply, num_classes=num_scored_classes(info),
-                                   ignore_index=info.ignore_index),
-                 in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
-                 out_shardings=parallel.replicated(mesh))
+def make_eval_step(model, info: data.DatasetInfo, mesh, executables=None) -> executable_cache.CachedJit:
+  """jitted (replicated variables, sharded global batch) -> confusion matrix (num_scored_classes(info) square),
+  replicated; kept in the folder `executables` if given (fcnjax.executable_cache)."""
+  classes = num_scored_classes(info)
+  return executable_cache.CachedJit(
+      functools.partial(steps.eval_step, apply_fn=model.apply, num_classes=classes, ignore_index=info.ignore_index),
+      f"fcnjax.steps.eval_step classes={classes} ignore_index={info.ignore_index} "
+      f"model={executable_cache.describe_module(model)}", executables, out_shardings=parallel.replicated(mesh))
 
 
 def num_scored_classes(info: data.DatasetInfo) -> int:
@@ -36,7 +38,7 @@ def compile_eval_step(eval_step, variables, eval_data, batch_sharding) -> None:
   """Compiles the eval step for the eval set's batch shape now (a no-op for an empty set)."""
   example_batch = next(iter(eval_data), None)
   if example_batch is not None:
-    eval_step.lower(variables, parallel.global_shapes(example_batch, batch_sharding)).compile()
+    eval_step.compile(variables, parallel.global_shapes(example_batch, batch_sharding))
 
 
 def confusion_over(eval_step, variables, eval_data, batch_sharding, num_classes: int) -> np.ndarray:
@@ -50,14 +52,15 @@ def confusion_over(eval_step, variables, eval_data, batch_sharding, num_classes:
   return np.asarray(jax.device_get(confusion), np.int64)
 
 
-def evaluate_batched(config, model, variables) -> np.ndarray:
-  """Confusion matrix of the validation split with the eval step that training uses, over every device."""
+def evaluate_batched(config, model, variables, executables=None) -> np.ndarray:
+  """Confusion matrix of the validation split with the eval step that training uses, over every device (its
+  executable kept in the folder `executables` if given)."""
   info = data.dataset_info(config.data)
   mesh = parallel.make_mesh()
   batch_sharding = parallel.batch_sharded(mesh)
   eval_data = data.build_eval_data(config.data, split="validation", batch_size=config.eval.batch_size,
                                    process_index=jax.process_index(), process_count=jax.process_count())
-  eval_step = make_eval_step(model, info, mesh)
+  eval_step = make_eval_step(model, info, mesh, executables)
   # As in training: every process ready before the first collective (replicate checks the variables agree), and
   # compiled before the first all-device one (see parallel.wait_for_all_processes).
   parallel.wait_for_all_processes("loaded")

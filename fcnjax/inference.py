@@ -9,18 +9,20 @@ seams for models that are not translation-equivariant.
 from __future__ import annotations
 
 import functools
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcnjax import metrics, ops, steps
+from fcnjax import executable_cache, metrics, ops, steps
 
 
-def make_predict_fn(apply_fn: Callable) -> Callable:
-  """jitted (variables, images NHWC float32) -> float32 logits; compiled once per input shape."""
-  return jax.jit(functools.partial(steps.predict_step, apply_fn=apply_fn))
+def make_predict_fn(model, executables=None) -> executable_cache.CachedJit:
+  """jitted (variables, images NHWC float32) -> float32 logits of a Flax model; compiled once per input shape, and
+  kept in the folder `executables` if given (fcnjax.executable_cache)."""
+  return executable_cache.CachedJit(functools.partial(steps.predict_step, apply_fn=model.apply),
+                                    f"fcnjax.steps.predict_step model={executable_cache.describe_module(model)}",
+                                    executables)
 
 
 # Test-time augmentation: the prediction averaged over transformed copies of the input, each mapped back.

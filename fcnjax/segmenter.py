@@ -39,10 +39,13 @@ class Segmenter:
 
   Images have the model's `in_channels` channels (3 unless the model says otherwise) and are normalised with `mean`
   and `std` (one value per channel, in [0, 1] units), the data config's unless given.
+
+  `executables`, a folder, keeps the compiled model there for the next process that predicts with the same model
+  and input shape (fcnjax.executable_cache; for fcnjax's own models, as the entry points use it).
   """
 
   def __init__(self, model, variables: dict, data_config=None, *, tile: int = 0, tile_margin: int = -1,
-               blend: bool = False, tta: str = "none", bucket: int = 0, mean=None, std=None):
+               blend: bool = False, tta: str = "none", bucket: int = 0, mean=None, std=None, executables=None):
     if bucket < 0 or tile < 0:
       raise ValueError(f"Segmenter: bucket={bucket} and tile={tile} must be >= 0")
     inference.tta_symmetries(tta)  # an unknown mode is an error here, before anything compiles
@@ -53,7 +56,7 @@ class Segmenter:
     self.mean, self.std = _statistics(self.data_config, self.channels, mean, std)
     self.tile, self.blend, self.tta, self.bucket = tile, blend, tta, bucket
     self.tile_margin = tile // 8 if tile_margin < 0 else tile_margin
-    self._predict_fn = inference.make_predict_fn(model.apply)
+    self._predict_fn = inference.make_predict_fn(model, executables)
 
   @classmethod
   def from_run(cls, workdir: str, checkpoint: str = "best", **options) -> "Segmenter":

@@ -81,12 +81,17 @@ def train_step(state: TrainState, batch: dict, *, loss_config: ml_collections.Co
   return new_state, step_metrics
 
 
+def bind_train_step(config: ml_collections.ConfigDict, learning_rate_fn: Callable[[jax.Array], jax.Array]):
+  """train_step with `config`'s loss and non-finite policy: (state, batch) -> (state, metrics)."""
+  return functools.partial(train_step, loss_config=config.loss, learning_rate_fn=learning_rate_fn,
+                           skip_nonfinite=config.train.on_nonfinite == "skip")
+
+
 def jit_train_step(config: ml_collections.ConfigDict, learning_rate_fn: Callable[[jax.Array], jax.Array],
                    replicated: jax.sharding.Sharding, batch_sharded: jax.sharding.Sharding):
   """train_step for `config`, jitted as training runs it: the state replicated (and donated), the batch sharded."""
-  return jax.jit(functools.partial(train_step, loss_config=config.loss, learning_rate_fn=learning_rate_fn,
-                                   skip_nonfinite=config.train.on_nonfinite == "skip"),
-                 in_shardings=(replicated, batch_sharded), out_shardings=(replicated, replicated), donate_argnums=0)
+  return jax.jit(bind_train_step(config, learning_rate_fn), in_shardings=(replicated, batch_sharded),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
 
 
 def eval_step(variables: dict, batch: dict, *, apply_fn: Callable, num_classes: int, ignore_index: int) -> jax.Array:

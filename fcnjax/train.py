@@ -25,7 +25,7 @@ def main(argv):
   del argv
   workdir = FLAGS.workdir or cli.default_workdir(FLAGS["config"].config_filename)
   parallel.initialize_distributed()
-  summary = training.train_and_evaluate(FLAGS.config, workdir)
+  summary = training.train_and_evaluate(FLAGS.config, workdir, cli.executables_dir())
   if jax.process_index() == 0:
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, list)}, indent=2))
   if summary.get("signal") in EXIT_CODES:

@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 
 from fcnjax import checkpoint, data, evaluation, losses, metrics, models, optim, parallel, plots, reporting, steps
-from fcnjax import diskspace
+from fcnjax import diskspace, executable_cache
 from fcnjax.ops import native
 from fcnjax.segmenter import Segmenter
 
@@ -37,9 +37,9 @@ def _explain_out_of_memory(train_fn):
   """XLA's RESOURCE_EXHAUSTED names a byte count, not a setting: say which settings of the run to lower."""
 
   @functools.wraps(train_fn)
-  def wrapper(config: ml_collections.ConfigDict, workdir: str):
+  def wrapper(config: ml_collections.ConfigDict, workdir: str, *args):
     try:
-      return train_fn(config, workdir)
+      return train_fn(config, workdir, *args)
     except RuntimeError as e:  # jax.errors.JaxRuntimeError (XlaRuntimeError in older jax) is a RuntimeError
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
@@ -61,9 +61,9 @@ def _explain_disk_full(train_fn):
   and the checkpoint that a rerun resumes from."""
 
   @functools.wraps(train_fn)
-  def wrapper(config: ml_collections.ConfigDict, workdir: str):
+  def wrapper(config: ml_collections.ConfigDict, workdir: str, *args):
     try:
-      return train_fn(config, workdir)
+      return train_fn(config, workdir, *args)
     except Exception as e:  # pylint: disable=broad-except
       if isinstance(e, diskspace.DiskFullError) or not diskspace.is_disk_full(e):
         raise
@@ -166,15 +166,18 @@ def _mean_metrics(history: list[dict]) -> dict:
   return {k: float(np.mean([h[k] for h in fetched])) for k in fetched[0] if k != "finite"}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) the run in `workdir`; returns the final evaluation summary."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       executables: str | os.PathLike | None = None) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`; returns the final evaluation summary. With `executables`, a folder,
+  the compiled train and eval steps are kept there and loaded by the next run of the same config
+  (fcnjax.executable_cache)."""
   with native.kernels_enabled(config.native_kernels):
-    return _train_and_evaluate(config, workdir)
+    return _train_and_evaluate(config, workdir, executables)
 
 
 @_explain_out_of_memory
 @_explain_disk_full
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, executables) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   mesh = parallel.make_mesh()
@@ -210,14 +213,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  train_step = steps.jit_train_step(config, learning_rate_fn, replicated, batch_sharding)
-  eval_step = evaluation.make_eval_step(model, info, mesh)
+  # The run's config and length define the step (its model, loss, optimiser and learning-rate schedule).
+  train_step = executable_cache.CachedJit(
+      steps.bind_train_step(config, learning_rate_fn), f"fcnjax.steps.train_step total_steps={total_steps} "
+      f"config={config.to_json_best_effort(sort_keys=True)}", executables, out_shardings=replicated,
+      donate_argnums=0)
+  eval_step = evaluation.make_eval_step(model, info, mesh, executables)
   # Compiled before the barrier: a host that compiles more slowly than its peers then waits there, not in its
   # first collective (see parallel.wait_for_all_processes).
   start = time.perf_counter()
-  train_step.lower(state, parallel.global_shapes(example_batch, batch_sharding)).compile()
+  loaded = train_step.compile(state, parallel.global_shapes(example_batch, batch_sharding)).loaded
   evaluation.compile_eval_step(eval_step, _variables_of(state), eval_data, batch_sharding)
-  logging.info("train and eval steps compiled in %.1f s", time.perf_counter() - start)
+  logging.info("train and eval steps %s in %.1f s", "loaded" if loaded else "compiled", time.perf_counter() - start)
   parallel.wait_for_all_processes("compiled")
 
   writer = reporting.MetricWriter(workdir, enabled=is_main)

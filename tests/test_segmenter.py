@@ -80,7 +80,7 @@ def test_buckets_share_compilations_and_keep_the_output_size(tiny_unet):
   seg = Segmenter(model, variables, bucket=32)
   for h, w in ((17, 30), (25, 31), (32, 32)):
     assert seg.predict(_image(h, w)).shape == (h, w)
-  assert seg._predict_fn._cache_size() == 1  # pylint: disable=protected-access
+  assert seg._predict_fn.compiled_signatures() == 1  # pylint: disable=protected-access
   # An image whose size is already a multiple of the bucket is not padded at all.
   unpadded = Segmenter(model, variables).predict(_image(32, 32))
   np.testing.assert_array_equal(seg.predict(_image(32, 32)), unpadded)

@@ -40,7 +40,7 @@ class TileMean(nn.Module):
 
 def _model_and_fn(model, seed=0):
   variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 8, 8, 3)))
-  return variables, inference.make_predict_fn(model.apply)
+  return variables, inference.make_predict_fn(model)
 
 
 def _reference(predict_fn, variables, image, margin):

@@ -89,7 +89,7 @@ def _compiler() -> str | None:
   return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
 
 
-def _cpu_features() -> str:
+def cpu_features() -> str:
   """The CPU's model and feature flags (what -march=native compiles for)."""
   try:
     lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
@@ -142,7 +142,7 @@ def library_path(compiler: str) -> pathlib.Path:
   """Where the library for this source, compiler, jaxlib and CPU is (or will be) cached."""
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
   key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *_compiler_flags(), jaxlib.__version__,
-                                  _cpu_features()]).encode()).hexdigest()[:16]
+                                  cpu_features()]).encode()).hexdigest()[:16]
   return _private_dir(cache_dir()) / f"native_conv-{key}.so"
 
 
