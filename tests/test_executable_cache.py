@@ -70,6 +70,23 @@ def test_a_later_instance_loads_the_step_without_tracing_it(train_setup, tmp_pat
   assert all(leaf.is_deleted() for leaf in jax.tree.leaves(old.params)), "the loaded step did not donate the state"
 
 
+@pytest.mark.parametrize("first_folder", ["first", None])
+def test_a_step_that_jax_could_load_from_its_own_cache_is_compiled_afresh(train_setup, tmp_path, first_folder):
+  """XLA:CPU cannot serialize again an executable that JAX loaded from its persistent cache (on in this session,
+  conftest.py): after the same program was compiled under another key or without a folder, a folder's file must
+  still hold a whole executable, one that runs."""
+  step, new_state, batch = train_setup
+  description = f"after {first_folder}"
+  first = executable_cache.CachedJit(step, description, first_folder and tmp_path / first_folder, donate_argnums=0)
+  expected_state, _ = first(new_state(), batch)
+  executable_cache.CachedJit(step, description, tmp_path / "second", donate_argnums=0).compile(new_state(), batch)
+  loaded = executable_cache.CachedJit(step, description, tmp_path / "second", donate_argnums=0)
+  assert loaded.compile(new_state(), batch).loaded
+  state, _ = loaded(new_state(), batch)
+  for ours, theirs in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected_state.params)):
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+
 def test_without_a_folder_nothing_is_written_and_values_match_jit(train_setup, tmp_path):
   step, new_state, batch = train_setup
   cached = executable_cache.CachedJit(step, "tiny unet", None, donate_argnums=0)
