@@ -13,10 +13,10 @@ program is made from instead, and finds the executable before tracing anything:
 Code outside fcnjax is not in the key: the cache is for fcnjax's own models and steps (the entry points use it),
 not for a function whose code can change while fcnjax's does not.
 
-A file holds a pickled executable (jax.experimental.serialize_executable), which loading runs as machine code: the
-folder must be one that only this user can write (fcnjax.ops.native.untrusted_reason), or nothing is read or
-written there. A file that cannot be read is compiled again and rewritten. A multi-process run compiles as plain
-jit does (with JAX's persistent cache): each process would need its own file for its devices.
+A file holds a pickled executable (jax.experimental.serialize_executable, zlib-compressed), which loading runs as
+machine code: the folder must be one that only this user can write (fcnjax.ops.native.untrusted_reason), or nothing
+is read or written there. A file that cannot be read is compiled again and rewritten. A multi-process run compiles
+as plain jit does (with JAX's persistent cache): each process would need its own file for its devices.
 """
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ from fcnjax.ops import native, portable
 
 # The name of the functions compiled to be written here (the HLO module is jit_<name>); see _kept_out_of_jax_cache.
 KEPT_OUT_OF_JAX_CACHE = "fcnjax_executable_cache_step"
-# Files beyond this many, the least recently used first, are deleted when one is written (each holds 1-30 MB).
+# Files beyond this many, the least recently used first, are deleted when one is written (the zoo's train and
+# inference steps at batch 2, 224x224: 0.04-1.9 MB each).
 MAX_FILES = 64
 FILE_SUFFIX = ".executable"
 FORMAT = 1

@@ -1,4 +1,6 @@
 """fcnjax.Segmenter: what it accepts, that its output is the model's on the normalised image, buckets, weights and runs."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,6 +86,17 @@ def test_buckets_share_compilations_and_keep_the_output_size(tiny_unet):
   # An image whose size is already a multiple of the bucket is not padded at all.
   unpadded = Segmenter(model, variables).predict(_image(32, 32))
   np.testing.assert_array_equal(seg.predict(_image(32, 32)), unpadded)
+
+
+def test_a_segmenter_with_an_executables_folder_loads_what_another_compiled(tiny_unet, tmp_path):
+  model, variables = tiny_unet
+  image = _image(32, 32)
+  first = Segmenter(model, variables, executables=tmp_path).predict(image, probabilities=True)
+  (path,) = tmp_path.glob("*.executable")
+  os.utime(path, (0, 0))  # a load sets its time to now
+  again = Segmenter(model, variables, executables=tmp_path)
+  np.testing.assert_array_equal(again.predict(image, probabilities=True), first)
+  assert list(tmp_path.glob("*.executable")) == [path] and path.stat().st_mtime > 0, "compiled, not loaded"
 
 
 def test_from_weights_reads_the_number_of_classes_and_refuses_other_models(tiny_unet, tmp_path):
