@@ -163,14 +163,16 @@ class Executable:
 
 
 class CachedJit:
-  """`jax.jit(fn, out_shardings=..., donate_argnums=...)` whose executables are kept in `directory` (None: compiled
-  in each process, nothing kept) under cache_key. Arguments take the shardings they carry (jax arrays placed on
-  devices, ShapeDtypeStructs with a sharding, for `compile`)."""
+  """`jax.jit(fn, out_shardings=..., donate_argnums=...)` compiled with `compiler_options`, whose executables are
+  kept in `directory` (None: compiled in each process, nothing kept) under cache_key. Arguments take the shardings
+  they carry (jax arrays placed on devices, ShapeDtypeStructs with a sharding, for `compile`)."""
 
   def __init__(self, fn: Callable, description: str, directory: str | os.PathLike | None, *,
-               out_shardings: Any = None, donate_argnums: tuple[int, ...] | int = ()):
+               out_shardings: Any = None, donate_argnums: tuple[int, ...] | int = (),
+               compiler_options: dict[str, Any] | None = None):
     self.fn = fn
     self.description = description
+    self.compiler_options = dict(compiler_options or {})
     self.directory = _usable(directory) if jax.process_count() == 1 else None
     self.out_shardings = out_shardings
     self.donate_argnums = (donate_argnums,) if isinstance(donate_argnums, int) else tuple(donate_argnums)
@@ -207,7 +209,8 @@ class CachedJit:
     donated = self._flat_leaf_indices(args)
     path, seconds, start = None, {}, time.perf_counter()
     if self.directory is not None:
-      key = cache_key(self.description, args, donated, self.out_shardings)
+      key = cache_key(f"{self.description} compiler_options={sorted(self.compiler_options.items())}", args, donated,
+                      self.out_shardings)
       path = self.directory / f"{key}{FILE_SUFFIX}"
       seconds["key"] = time.perf_counter() - start
       loaded = _load(path, key, len(leaves))
@@ -231,10 +234,10 @@ class CachedJit:
     lowered = traced.lower()
     seconds["lower"] = time.perf_counter() - start - seconds["trace"]
     if path is None:
-      compiled = lowered.compile()
+      compiled = lowered.compile(self.compiler_options)
     else:
       with _kept_out_of_jax_cache():
-        compiled = lowered.compile()
+        compiled = lowered.compile(self.compiler_options)
     seconds["compile"] = time.perf_counter() - start - seconds["trace"] - seconds["lower"]
     executable = Executable(compiled, layouts[-1], loaded=False, stage_seconds=seconds)
     if path is not None:

@@ -150,8 +150,8 @@ def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -
   return int(config.train.num_epochs * steps_per_epoch)
 
 
-def initial_variables(config: ml_collections.ConfigDict, model, rng: jax.Array, image_shape) -> dict:
-  variables = steps.init_variables(model, rng, image_shape)
+def initial_variables(config: ml_collections.ConfigDict, model, rng: jax.Array, image_shape, executables=None) -> dict:
+  variables = steps.init_variables(model, rng, image_shape, executables)
   if config.model.pretrained:
     from fcnjax import pretrained  # pylint: disable=g-import-not-at-top
     loaded = pretrained.load_variables(config.model.pretrained)
@@ -196,7 +196,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, executa
   model = models.build_model(config.model)
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   example_batch = next(iter(train_data.iterator(0)))
-  variables = initial_variables(config, model, init_rng, example_batch["image"].shape[1:])
+  variables = initial_variables(config, model, init_rng, example_batch["image"].shape[1:], executables)
   learning_rate_fn = optim.learning_rate_schedule(config.optim, total_steps)
   tx = optim.make_optimizer(config.optim, total_steps, variables["params"])
   # Placing the state on every device checks that all processes hold the same one: the run's first collective.
