@@ -30,18 +30,28 @@ def enable(directory: str | os.PathLike | None = None) -> pathlib.Path | None:
     return None
   if directory is None and jax.config.jax_compilation_cache_dir:
     return pathlib.Path(jax.config.jax_compilation_cache_dir)
-  path = pathlib.Path(directory) if directory is not None else default_dir()
+  path = private_folder(pathlib.Path(directory) if directory is not None else default_dir(), "compilation cache",
+                        " (point --compilation_cache at a folder only you can write, or give it as '' to turn the "
+                        "cache off)")
+  if path is None:
+    return None
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+  return path
+
+
+def private_folder(path: pathlib.Path, what: str, hint: str = "") -> pathlib.Path | None:
+  """`path`, made (mode 0700) where missing, when it is safe to load executables from: None, with a warning naming
+  `what` and the folder, when it cannot be made or another user could write it (fcnjax.ops.native.untrusted_reason;
+  `hint` ends that warning)."""
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.mkdir(mode=0o700, exist_ok=True)
   except OSError as e:
-    warnings.warn(f"fcnjax: no compilation cache in {path}: {e}")
+    warnings.warn(f"fcnjax: no {what} in {path}: {e}")
     return None
   reason = native.untrusted_reason(path)
   if reason is not None:
-    warnings.warn(f"fcnjax: not using the compilation cache {path}: {reason} (point --compilation_cache at a "
-                  "folder only you can write, or give it as '' to turn the cache off)")
+    warnings.warn(f"fcnjax: not using the {what} {path}: {reason}{hint}")
     return None
-  jax.config.update("jax_compilation_cache_dir", str(path))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
   return path

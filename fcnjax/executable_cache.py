@@ -40,6 +40,7 @@ import jax
 from absl import logging
 from jax.experimental import serialize_executable
 
+from fcnjax import compilation_cache
 from fcnjax.ops import native, portable
 
 # The name of the functions compiled to be written here (the HLO module is jit_<name>); see _kept_out_of_jax_cache.
@@ -139,7 +140,8 @@ class _OutputLayout:
         return ("argument", argument_structures.index(structure), structure.num_leaves)
       return ("tree", jax.tree.unflatten(structure, range(structure.num_leaves)), structure.num_leaves)
 
-    if isinstance(outputs, tuple) and type(outputs) is tuple:  # pylint: disable=unidiomatic-typecheck
+    # A plain tuple only: a namedtuple's parts are kept with its own structure.
+    if type(outputs) is tuple:  # pylint: disable=unidiomatic-typecheck
       return cls(True, tuple(describe(part) for part in outputs))
     return cls(False, (describe(outputs),))
 
@@ -264,17 +266,7 @@ def _kept_out_of_jax_cache():
 def _usable(directory) -> pathlib.Path | None:
   if directory is None or not str(directory):
     return None
-  path = pathlib.Path(directory)
-  try:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-  except OSError as e:
-    warnings.warn(f"fcnjax: no executable cache in {path}: {e}")
-    return None
-  reason = native.untrusted_reason(path)
-  if reason is not None:
-    warnings.warn(f"fcnjax: not using the executable cache {path}: {reason}")
-    return None
-  return path
+  return compilation_cache.private_folder(pathlib.Path(directory), "executable cache")
 
 
 def _load(path: pathlib.Path, key: str, leaf_count: int) -> tuple[Any, _OutputLayout] | None:

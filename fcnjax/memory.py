@@ -63,8 +63,7 @@ class TrainStep:
     self.device_count = self.mesh.size
     self.replicated, self.sharded = parallel.replicated(self.mesh), parallel.batch_sharded(self.mesh)
     self.abstract_state = jax.eval_shape(self._make_state, jax.random.PRNGKey(0))
-    self.step = steps.jit_train_step(config, optim.learning_rate_schedule(config.optim, 1000), self.replicated,
-                                     self.sharded)
+    self.step = steps.jit_train_step(config, 1000, self.replicated)
 
   def _make_state(self, rng):
     variables = steps.init_variables(self.model, rng, (self.image_size, self.image_size, 3))
@@ -79,7 +78,7 @@ class TrainStep:
   def compile(self, batch_size: int):
     state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated),
                          self.abstract_state)
-    return self.step.lower(state, self.abstract_batch(batch_size)).compile()
+    return self.step.compile(state, self.abstract_batch(batch_size)).compiled
 
   def run_once(self, batch_size: int) -> None:
     """Runs one real step (for memory_stats): real arrays, zeros for the batch."""

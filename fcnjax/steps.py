@@ -12,7 +12,7 @@ import ml_collections
 import optax
 from flax.training import train_state
 
-from fcnjax import executable_cache, losses, metrics, ops
+from fcnjax import executable_cache, losses, metrics, ops, optim
 
 
 class TrainState(train_state.TrainState):
@@ -93,17 +93,17 @@ def train_step(state: TrainState, batch: dict, *, loss_config: ml_collections.Co
   return new_state, step_metrics
 
 
-def bind_train_step(config: ml_collections.ConfigDict, learning_rate_fn: Callable[[jax.Array], jax.Array]):
-  """train_step with `config`'s loss and non-finite policy: (state, batch) -> (state, metrics)."""
-  return functools.partial(train_step, loss_config=config.loss, learning_rate_fn=learning_rate_fn,
+def jit_train_step(config: ml_collections.ConfigDict, total_steps: int, replicated: jax.sharding.Sharding,
+                   executables=None) -> executable_cache.CachedJit:
+  """train_step for `config` and a run of `total_steps` (its learning-rate schedule), jitted as training runs it:
+  the state donated, the batch sharded as it comes, every output replicated; kept in the folder `executables` if
+  given (fcnjax.executable_cache), under the config and total_steps, which define the step."""
+  step = functools.partial(train_step, loss_config=config.loss,
+                           learning_rate_fn=optim.learning_rate_schedule(config.optim, total_steps),
                            skip_nonfinite=config.train.on_nonfinite == "skip")
-
-
-def jit_train_step(config: ml_collections.ConfigDict, learning_rate_fn: Callable[[jax.Array], jax.Array],
-                   replicated: jax.sharding.Sharding, batch_sharded: jax.sharding.Sharding):
-  """train_step for `config`, jitted as training runs it: the state replicated (and donated), the batch sharded."""
-  return jax.jit(bind_train_step(config, learning_rate_fn), in_shardings=(replicated, batch_sharded),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
+  return executable_cache.CachedJit(
+      step, f"fcnjax.steps.train_step total_steps={total_steps} config={config.to_json_best_effort(sort_keys=True)}",
+      executables, out_shardings=replicated, donate_argnums=0)
 
 
 def eval_step(variables: dict, batch: dict, *, apply_fn: Callable, num_classes: int, ignore_index: int) -> jax.Array:

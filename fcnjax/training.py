@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 
 from fcnjax import checkpoint, data, evaluation, losses, metrics, models, optim, parallel, plots, reporting, steps
-from fcnjax import diskspace, executable_cache
+from fcnjax import diskspace
 from fcnjax.ops import native
 from fcnjax.segmenter import Segmenter
 
@@ -197,7 +197,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, executa
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   example_batch = next(iter(train_data.iterator(0)))
   variables = initial_variables(config, model, init_rng, example_batch["image"].shape[1:], executables)
-  learning_rate_fn = optim.learning_rate_schedule(config.optim, total_steps)
   tx = optim.make_optimizer(config.optim, total_steps, variables["params"])
   # Placing the state on every device checks that all processes hold the same one: the run's first collective.
   parallel.wait_for_all_processes("initialised")
@@ -213,11 +212,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, executa
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  # The run's config and length define the step (its model, loss, optimiser and learning-rate schedule).
-  train_step = executable_cache.CachedJit(
-      steps.bind_train_step(config, learning_rate_fn), f"fcnjax.steps.train_step total_steps={total_steps} "
-      f"config={config.to_json_best_effort(sort_keys=True)}", executables, out_shardings=replicated,
-      donate_argnums=0)
+  train_step = steps.jit_train_step(config, total_steps, replicated, executables)
   eval_step = evaluation.make_eval_step(model, info, mesh, executables)
   # Compiled before the barrier: a host that compiles more slowly than its peers then waits there, not in its
   # first collective (see parallel.wait_for_all_processes).
