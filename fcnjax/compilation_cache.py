@@ -25,8 +25,10 @@ def default_dir() -> pathlib.Path:
 
 def enable(directory: str | os.PathLike | None = None) -> pathlib.Path | None:
   """Turns the persistent cache on in `directory` (None: JAX's own setting, e.g. $JAX_COMPILATION_CACHE_DIR, else
-  default_dir(); "": off); returns the folder used, or None when the cache stays off."""
+  default_dir(); "": off, whatever JAX's own setting); returns the folder used, or None when the cache stays off.
+  Call it before the first compilation: JAX reads the setting once."""
   if directory is not None and not str(directory):
+    jax.config.update("jax_compilation_cache_dir", None)
     return None
   if directory is None and jax.config.jax_compilation_cache_dir:
     return pathlib.Path(jax.config.jax_compilation_cache_dir)

@@ -72,9 +72,9 @@ def test_a_later_instance_loads_the_step_without_tracing_it(train_setup, tmp_pat
 
 @pytest.mark.parametrize("first_folder", ["first", None])
 def test_a_step_that_jax_could_load_from_its_own_cache_is_compiled_afresh(train_setup, tmp_path, first_folder):
-  """XLA:CPU cannot serialize again an executable that JAX loaded from its persistent cache (on in this session,
-  conftest.py): after the same program was compiled under another key or without a folder, a folder's file must
-  still hold a whole executable, one that runs."""
+  """XLA:CPU cannot serialize again an executable that JAX loaded from its persistent cache (which conftest.py turns
+  on for the test run): after the same program was compiled under another key or without a folder, a folder's file
+  must still hold a whole executable, one that runs."""
   step, new_state, batch = train_setup
   description = f"after {first_folder}"
   first = executable_cache.CachedJit(step, description, first_folder and tmp_path / first_folder, donate_argnums=0)
