@@ -2,6 +2,7 @@
 reports a user's error, its default workdir, and the flags of the ones that run a trained model."""
 from __future__ import annotations
 
+import math
 import os
 import sys
 from typing import Callable
@@ -9,7 +10,7 @@ from typing import Callable
 import jax
 from absl import app, flags, logging
 
-from fcnjax import compilation_cache, diskspace, executable_cache, host_allocator, inference, parallel
+from fcnjax import compilation_cache, diskspace, evaluation, executable_cache, host_allocator, inference, parallel
 
 flags.DEFINE_string("compilation_cache", None, "Folder of JAX's persistent compilation cache (default: "
                     "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/fcnjax/xla or $FCNJAX_CACHE_DIR/xla), with the "
@@ -90,9 +91,37 @@ def define_run_inference_flags() -> None:
   flags.DEFINE_enum("tta", "none", list(inference.TTA_MODES),
                     "Test-time augmentation: average over the image and its mirror (flip) or over the 8 symmetries "
                     "of the square (d4).")
+  flags.DEFINE_string("threshold", "0", "One-logit (binary) models: the logit above which a pixel is foreground "
+                      "(0: probability 0.5), or 'train': the threshold with the fewest wrong pixels on the run's "
+                      "training images, predicted as --tile and --tta say.")
 
 
 def segmenter_options() -> dict:
-  """The Segmenter's options from the flags of define_run_inference_flags, and the compiled model's folder."""
+  """The Segmenter's options from the flags of define_run_inference_flags, and the compiled model's folder
+  (--threshold=train leaves the threshold at 0 for choose_threshold)."""
   f = flags.FLAGS
-  return dict(tile=f.tile, tile_margin=f.tile_margin, blend=f.blend, tta=f.tta, executables=executables_dir())
+  return dict(tile=f.tile, tile_margin=f.tile_margin, blend=f.blend, tta=f.tta, threshold=threshold_flag() or 0.0,
+              executables=executables_dir())
+
+
+def threshold_flag() -> float | None:
+  """--threshold as a logit, or None for 'train'."""
+  value = flags.FLAGS.threshold
+  if value == "train":
+    return None
+  try:
+    threshold = float(value)
+  except ValueError:
+    threshold = float("nan")
+  if not math.isfinite(threshold):
+    raise app.UsageError(f"--threshold={value}: expected a logit (a finite number) or 'train'")
+  return threshold
+
+
+def choose_threshold(segmenter) -> None:
+  """With --threshold=train, sets the segmenter's threshold to the one chosen on the run's training images
+  (fcnjax.evaluation.calibrate_threshold) and prints it."""
+  if threshold_flag() is not None:
+    return
+  segmenter.threshold, error = evaluation.calibrate_threshold(segmenter)
+  print(f"threshold {segmenter.threshold:+.4f} (logit), chosen on the training images: pixel error {error:.4f} there")

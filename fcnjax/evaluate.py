@@ -34,12 +34,14 @@ def main(argv):
   info = data.dataset_info(config.data)
   if bool(FLAGS.images) != bool(FLAGS.masks):
     raise app.UsageError("--images and --masks go together")
-  if FLAGS.images or FLAGS.tile or info.binary:
+  if FLAGS.images or FLAGS.tile or info.binary or cli.threshold_flag() != 0.0:  # the batched step thresholds at 0
     segmenter = Segmenter(model, variables, config.data, **cli.segmenter_options())
+    cli.choose_threshold(segmenter)
     examples = evaluation.folder_examples(FLAGS.images, FLAGS.masks, config.data) if FLAGS.images else None
     confusion, challenge = evaluation.evaluate_per_image(segmenter, info, examples)
   else:
     confusion, challenge = evaluation.evaluate_batched(config, model, variables, cli.executables_dir()), {}
+    segmenter = None
   summary = metrics.summarize(confusion, info.class_names)
   if jax.process_index() == 0:
     scored = f"{FLAGS.images} with {FLAGS.masks}" if FLAGS.images else "validation split"
@@ -48,6 +50,7 @@ def main(argv):
     for name, value in challenge.items():
       print(f"{name:>16s}: {value:.4f}")
     record = {"step": step, "checkpoint": FLAGS.checkpoint, "tile": FLAGS.tile, "tta": FLAGS.tta,
+              "threshold": segmenter.threshold if segmenter else 0.0,
               "images": FLAGS.images, **challenge, **{k: v for k, v in summary.items() if not isinstance(v, str)}}
     with open(os.path.join(FLAGS.workdir, "evaluation.json"), "w") as f:
       json.dump({k: reporting.to_json_value(v) for k, v in record.items()}, f, indent=2)

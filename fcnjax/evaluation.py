@@ -110,6 +110,29 @@ def evaluate_per_image(segmenter: Segmenter, info: data.DatasetInfo, examples=No
   return confusion, challenge
 
 
+def calibrate_threshold(segmenter: Segmenter, split: str = "train") -> tuple[float, float]:
+  """(threshold, pixel error at it) on the `split` images of the segmenter's data config, predicted as the
+  segmenter predicts (whole or tiled, TTA): the logit threshold of a one-logit binary model with the fewest wrong
+  pixels there (metrics.best_binary_threshold). It holds one logit per pixel of the split in memory."""
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  examples = sources.load_split(segmenter.data_config, split).examples
+  logits, masks = [], []
+  for i in tqdm(range(len(examples)), desc=f"threshold on {split}", unit="image"):
+    example = examples[i]
+    if example.get(folder.UNREADABLE, -1) >= 0:
+      continue  # read in place of a file gone since the check (data.on_bad_file='skip')
+    image_logits = segmenter.logits(example["image"])
+    if image_logits.shape[-1] != 1:
+      raise ValueError(f"calibrate_threshold: the model has {image_logits.shape[-1]} classes; a threshold is for "
+                       "one-logit binary models")
+    logits.append(image_logits.reshape(-1))
+    masks.append(example["mask"].reshape(-1))
+  if not logits:
+    raise ValueError(f"calibrate_threshold: the {split} split of {segmenter.data_config.root or 'the data'} is empty")
+  return metrics.best_binary_threshold(np.concatenate(logits), np.concatenate(masks),
+                                       segmenter.data_config.ignore_index)
+
+
 def write_validation_predictions(segmenter: Segmenter, out_dir: str, count: int) -> int:
   """PNGs (mask, overlay, image | prediction | ground truth) of the first `count` validation examples."""
   split = sources.load_split(segmenter.data_config, "validation")

@@ -118,6 +118,7 @@ def predict_tiled(predict_fn, variables, image: np.ndarray, tile_size: int, marg
   return (accumulated / weights)[:h, :w]
 
 
-def predict_labels(logits: np.ndarray) -> np.ndarray:
-  """(H, W, C) logits -> uint8 class ids, as the evaluation scores them (metrics.predictions)."""
-  return np.asarray(metrics.predictions(jnp.asarray(logits)[None])[0]).astype(np.uint8)
+def predict_labels(logits: np.ndarray, threshold: float = 0.0) -> np.ndarray:
+  """(H, W, C) logits -> uint8 class ids, as the evaluation scores them (metrics.predictions; `threshold` is a
+  one-logit model's)."""
+  return np.asarray(metrics.predictions(jnp.asarray(logits)[None], threshold)[0]).astype(np.uint8)

@@ -24,6 +24,7 @@ def main(argv):
   del argv
   config, model, variables, step = runs.load_run(FLAGS.workdir, FLAGS.checkpoint)
   segmenter = Segmenter(model, variables, config.data, **cli.segmenter_options())
+  cli.choose_threshold(segmenter)
   paths = data.list_images(FLAGS.images)
   if not paths:
     raise app.UsageError(f"no images found in {FLAGS.images}")

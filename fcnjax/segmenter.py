@@ -37,6 +37,9 @@ class Segmenter:
   compilation in all; `tile_margin`, `blend`: see fcnjax.inference.predict_tiled). `tta` averages the logits over
   transformed copies of each image: "flip" with its mirror image, "d4" over the 8 symmetries of the square.
 
+  A one-logit (binary) model calls a pixel foreground where its logit is above `threshold` (0: probability 0.5;
+  fcnjax.evaluation.calibrate_threshold chooses one on the training images of the data config).
+
   Images have the model's `in_channels` channels (3 unless the model says otherwise) and are normalised with `mean`
   and `std` (one value per channel, in [0, 1] units), the data config's unless given.
 
@@ -45,16 +48,19 @@ class Segmenter:
   """
 
   def __init__(self, model, variables: dict, data_config=None, *, tile: int = 0, tile_margin: int = -1,
-               blend: bool = False, tta: str = "none", bucket: int = 0, mean=None, std=None, executables=None):
+               blend: bool = False, tta: str = "none", bucket: int = 0, mean=None, std=None, threshold: float = 0.0,
+               executables=None):
     if bucket < 0 or tile < 0:
       raise ValueError(f"Segmenter: bucket={bucket} and tile={tile} must be >= 0")
+    if not np.isfinite(threshold):
+      raise ValueError(f"Segmenter: threshold={threshold} must be a finite logit")
     inference.tta_symmetries(tta)  # an unknown mode is an error here, before anything compiles
     self.model = model
     self.variables = variables
     self.data_config = data.resolve(data_config)
     self.channels = _image_channels(model)
     self.mean, self.std = _statistics(self.data_config, self.channels, mean, std)
-    self.tile, self.blend, self.tta, self.bucket = tile, blend, tta, bucket
+    self.tile, self.blend, self.tta, self.bucket, self.threshold = tile, blend, tta, bucket, float(threshold)
     self.tile_margin = tile // 8 if tile_margin < 0 else tile_margin
     self._predict_fn = inference.make_predict_fn(model, executables)
 
@@ -116,7 +122,13 @@ class Segmenter:
 
   def labels(self, image: np.ndarray) -> np.ndarray:
     """uint8 (H, W) class ids of one uint8 (H, W, channels) image."""
-    return inference.predict_labels(self.logits(image))
+    return self._labels_of(self.logits(image))
+
+  def _labels_of(self, logits: np.ndarray) -> np.ndarray:
+    if self.threshold and logits.shape[-1] != 1:
+      raise ValueError(f"Segmenter: threshold={self.threshold} is for one-logit binary models; this one has "
+                       f"{logits.shape[-1]} classes")
+    return inference.predict_labels(logits, self.threshold)
 
   def _as_array(self, image: ImageLike) -> np.ndarray:
     """An (H, W, channels) array, grey for a one-channel model: paths and PIL images read as RGB or as grey."""
@@ -136,7 +148,7 @@ class Segmenter:
                        f"{image.shape}")
     logits = self.logits(image)
     if not probabilities:
-      return inference.predict_labels(logits)
+      return self._labels_of(logits)
     if logits.shape[-1] == 1:
       return np.asarray(jax.nn.sigmoid(logits), np.float32)
     return np.asarray(jax.nn.softmax(logits, axis=-1), np.float32)

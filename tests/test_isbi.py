@@ -10,8 +10,9 @@ from scipy import ndimage
 from skimage.measure import label
 
 from conftest import load_experiment, run_python
-from fcnjax import data, reporting, training
+from fcnjax import data, metrics, reporting, training
 from fcnjax.data import elastic, sources, transforms, weight_map
+from fcnjax.segmenter import Segmenter
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -292,3 +293,31 @@ def test_isbi_evaluate_tiled_prints_challenge_metrics(isbi_run):
   np.testing.assert_allclose(record["pixel_error"], 1.0 - record["pixel_accuracy"], atol=1e-9)
   np.testing.assert_allclose(record["foreground_iou"], record["per_class_iou"][1], atol=1e-9)
   np.testing.assert_allclose(record["foreground_dice"], record["per_class_dice"][1], atol=1e-9)
+
+
+@pytest.mark.slow
+def test_isbi_evaluate_with_the_threshold_chosen_on_the_training_images(isbi_run):
+  """--threshold=train: the threshold with the fewest wrong pixels on the training crops, predicted as evaluation
+  predicts (tiles, TTA), then applied to the validation crop."""
+  _, workdir = isbi_run
+  result = run_python("-m", "fcnjax.evaluate", f"--workdir={workdir}", "--tile=32", "--tta=flip",
+                      "--checkpoint=latest", "--threshold=train")
+  assert result.returncode == 0, result.stderr[-3000:]
+  record = json.loads((workdir / "evaluation.json").read_text())
+  segmenter = Segmenter.from_run(str(workdir), "latest", tile=32, tta="flip")
+  logits = {}
+  for split in ("train", "validation"):
+    examples = sources.load_split(segmenter.data_config, split).examples
+    logits[split] = [(segmenter.logits(examples[i]["image"])[..., 0], examples[i]["mask"])
+                     for i in range(len(examples))]
+  assert len(logits["train"]) == 3 and len(logits["validation"]) == 1
+  expected, train_error = metrics.best_binary_threshold(np.stack([l for l, _ in logits["train"]]),
+                                                        np.stack([m for _, m in logits["train"]]))
+  assert record["threshold"] == pytest.approx(expected, abs=1e-6) and expected != 0.0
+  assert f"threshold {expected:+.4f} (logit), chosen on the training images: pixel error {train_error:.4f}" in \
+      result.stdout
+  (validation_logits, validation_mask), = logits["validation"]
+  np.testing.assert_allclose(record["pixel_error"], np.mean((validation_logits > expected) != validation_mask),
+                             atol=1e-9)
+  bad = run_python("-m", "fcnjax.evaluate", f"--workdir={workdir}", "--threshold=high")
+  assert bad.returncode != 0 and "--threshold=high: expected a logit (a finite number) or 'train'" in bad.stderr

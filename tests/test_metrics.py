@@ -69,6 +69,7 @@ def test_predictions():
   got = metrics.predictions(jnp.asarray(binary))
   assert got.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(got), [[[1, 0, 0]]])
+  np.testing.assert_array_equal(np.asarray(metrics.predictions(jnp.asarray(binary), threshold=-0.6)), [[[1, 1, 1]]])
 
 
 # Class 2 is absent from ground truth and prediction; class 3 is predicted once but absent from ground truth.
@@ -76,6 +77,32 @@ KNOWN = np.array([[5, 1, 0, 0],
                   [2, 3, 0, 1],
                   [0, 0, 0, 0],
                   [0, 0, 0, 0]])
+
+
+def test_best_binary_threshold_is_the_fewest_errors_of_any_threshold():
+  rng = np.random.default_rng(0)
+  for _ in range(100):
+    n = int(rng.integers(1, 40))
+    logits = np.round(rng.normal(size=n), 1).astype(np.float32)  # rounded: equal logits occur and cannot be split
+    truth = rng.integers(0, 2, n)
+    threshold, error = metrics.best_binary_threshold(logits, truth)
+    np.testing.assert_allclose(np.mean((logits > threshold) != truth), error, atol=1e-12)
+    tried = np.concatenate([np.unique(logits) - 0.05, np.unique(logits) + 0.05])
+    assert error <= min(np.mean((logits > t) != truth) for t in tried) + 1e-12
+
+
+def test_best_binary_threshold_skips_ignored_pixels_and_prefers_thresholds_near_zero():
+  # Background logits below -1, foreground above 1: every threshold in (-1, 1) is right, and 0 is the nearest.
+  logits = np.array([[-3.0, -1.0, 1.0, 2.0, 9.0]])
+  truth = np.array([[0, 0, 1, 1, X]])  # the ignored pixel's logit 9 would otherwise be a foreground pixel
+  assert metrics.best_binary_threshold(logits, truth) == (0.0, 0.0)
+  # Shifted: a foreground at -0.6 and a background at -1 put the only error-free threshold at -0.8.
+  threshold, error = metrics.best_binary_threshold([-3.0, -1.0, -0.6, 2.0], [0, 0, 1, 1])
+  assert (threshold, error) == (pytest.approx(-0.8), 0.0)
+  with pytest.raises(ValueError, match="labels must be 0/1"):
+    metrics.best_binary_threshold([0.0, 1.0], [0, 2])
+  with pytest.raises(ValueError, match="no labelled pixels"):
+    metrics.best_binary_threshold([0.0], [X])
 
 
 def test_summarize_known_matrix():

@@ -14,17 +14,20 @@ from fcnjax.segmenter import Segmenter
 TINY_UNET = {"name": "unet", "num_classes": 3, "base_width": 4, "depth": 2}
 
 
+def _random_variables(model):
+  """Random values in the model's shapes (flax's initialisers take ~20 s to compile on a CPU); BatchNorm variances
+  positive and means away from 0, so that a Segmenter applying the wrong statistics would change the output."""
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  rng = np.random.default_rng(0)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, s: (0.5 + rng.random(s.shape) if path[-1].key == "var" else 0.3 * rng.standard_normal(s.shape))
+      .astype(np.float32), shapes)
+
+
 @pytest.fixture(scope="module")
 def tiny_unet():
   model = models.build_model(TINY_UNET)
-  # Random values in the model's shapes (flax's initialisers take ~20 s to compile on a CPU); BatchNorm variances
-  # positive and means away from 0, so that a Segmenter applying the wrong statistics would change the output.
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
-  rng = np.random.default_rng(0)
-  variables = jax.tree_util.tree_map_with_path(
-      lambda path, s: (0.5 + rng.random(s.shape) if path[-1].key == "var" else 0.3 * rng.standard_normal(s.shape))
-      .astype(np.float32), shapes)
-  return model, variables
+  return model, _random_variables(model)
 
 
 def _image(h, w, seed=0):
@@ -75,6 +78,20 @@ def test_unknown_options_are_errors_before_compiling(tiny_unet):
     Segmenter(model, variables, tta="flips")
   with pytest.raises(ValueError, match="bucket=-1"):
     Segmenter(model, variables, bucket=-1)
+
+
+def test_a_binary_model_calls_foreground_above_its_threshold(tiny_unet):
+  model = models.build_model({**TINY_UNET, "num_classes": 1})
+  variables = _random_variables(model)
+  image = _image(30, 26, seed=3)
+  logits = _reference_logits(model, variables, image)[..., 0]
+  threshold = float(np.median(logits))  # half the pixels on each side, so a wrong threshold shows
+  np.testing.assert_array_equal(Segmenter(model, variables).predict(image), logits > 0)
+  np.testing.assert_array_equal(Segmenter(model, variables, threshold=threshold).predict(image), logits > threshold)
+  with pytest.raises(ValueError, match="threshold=nan must be a finite logit"):
+    Segmenter(model, variables, threshold=float("nan"))
+  with pytest.raises(ValueError, match="threshold=0.5 is for one-logit binary models; this one has 3 classes"):
+    Segmenter(*tiny_unet, threshold=0.5).predict(image)
 
 
 def test_buckets_share_compilations_and_keep_the_output_size(tiny_unet):
