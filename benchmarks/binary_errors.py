@@ -7,8 +7,8 @@ For every validation image of the run (its data config's split) the logits come 
 `fcnjax.evaluate` computes them. A pixel's distance to the boundary is its Euclidean distance to the nearest pixel
 of the other true class (1: it touches the other class). An error at distance 1 or 2 is a boundary drawn a pixel
 or two off, which on the ISBI membranes (2-5 pixels wide) is within the labels' own uncertainty; errors far from
-any boundary are whole structures missed or invented. The thresholds are a diagnosis, not a tuning: the run's
-metrics use logit 0.
+any boundary are whole structures missed or invented. The thresholds here are scored on the validation images
+themselves, a diagnosis, not a tuning; `fcnjax.evaluate --threshold train` chooses one on the training images.
 """
 from __future__ import annotations
 
