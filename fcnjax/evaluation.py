@@ -86,20 +86,26 @@ def folder_examples(images_dir: str, masks_dir: str, data_config) -> folder.Fold
   return folder.FolderPairs(checked.pairs, spec, checked=True, on_bad_file=cfg.on_bad_file)
 
 
+def _readable_examples(examples, description: str):
+  """The examples one by one under a progress bar, without those read in place of a file gone since the check
+  (data.on_bad_file='skip'): each is scored under its own index."""
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  for i in tqdm(range(len(examples)), desc=description, unit="image"):
+    example = examples[i]
+    if example.get(folder.UNREADABLE, -1) < 0:
+      yield example
+
+
 def evaluate_per_image(segmenter: Segmenter, info: data.DatasetInfo, examples=None) -> tuple[np.ndarray, dict]:
   """Per-image inference (whole or tiled) on the host over `examples` (the validation split by default): the
   confusion matrix and, for binary data, the challenge metrics (pixel error, foreground IoU / Dice, Rand error) over
   the whole stack."""
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
   if examples is None:
     examples = sources.load_split(segmenter.data_config, "validation").examples
   num_classes = num_scored_classes(info)
   confusion = np.zeros((num_classes, num_classes), np.int64)
   predictions, truths = [], []
-  for i in tqdm(range(len(examples)), desc="evaluate", unit="image"):
-    example = examples[i]
-    if example.get(folder.UNREADABLE, -1) >= 0:
-      continue  # read in place of a file gone since the check (data.on_bad_file='skip'): scored under its own index
+  for example in _readable_examples(examples, "evaluate"):
     prediction = segmenter.labels(example["image"])
     confusion += np.asarray(metrics.confusion_matrix(prediction[None], example["mask"][None].astype(np.int32),
                                                      num_classes, info.ignore_index), np.int64)
@@ -114,13 +120,9 @@ def calibrate_threshold(segmenter: Segmenter, split: str = "train") -> tuple[flo
   """(threshold, pixel error at it) on the `split` images of the segmenter's data config, predicted as the
   segmenter predicts (whole or tiled, TTA): the logit threshold of a one-logit binary model with the fewest wrong
   pixels there (metrics.best_binary_threshold). It holds one logit per pixel of the split in memory."""
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
   examples = sources.load_split(segmenter.data_config, split).examples
   logits, masks = [], []
-  for i in tqdm(range(len(examples)), desc=f"threshold on {split}", unit="image"):
-    example = examples[i]
-    if example.get(folder.UNREADABLE, -1) >= 0:
-      continue  # read in place of a file gone since the check (data.on_bad_file='skip')
+  for example in _readable_examples(examples, f"threshold on {split}"):
     image_logits = segmenter.logits(example["image"])
     if image_logits.shape[-1] != 1:
       raise ValueError(f"calibrate_threshold: the model has {image_logits.shape[-1]} classes; a threshold is for "

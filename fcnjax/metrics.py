@@ -185,9 +185,10 @@ def best_binary_threshold(logits: Any, gt: Any, ignore_index: int = 255) -> tupl
   if logits.shape != gt.shape:
     raise ValueError(f"metrics.best_binary_threshold: {logits.size} logits for {gt.size} labels")
   scored = gt != ignore_index
-  logits, foreground = logits[scored], gt[scored].astype(bool)
-  if not np.all(np.isin(np.unique(gt[scored]), (0, 1))):
+  labels = gt[scored]
+  if not np.all((labels == 0) | (labels == 1)):
     raise ValueError("metrics.best_binary_threshold: labels must be 0/1 (or ignore_index)")
+  logits, foreground = logits[scored], labels.astype(bool)
   if logits.size == 0:
     raise ValueError("metrics.best_binary_threshold: no labelled pixels")
   order = np.argsort(logits, kind="stable")
