@@ -207,6 +207,21 @@ def cpu_peak(threads: int, ghz: float | None = None) -> Peak:
                       f"= {gflops:.0f} GFLOP/s")
 
 
+def gemm_gflops(size: int = 2048, repeats: int = 10) -> Peak:
+  """The fp32 GFLOP/s one square GEMM reaches on the threads PyTorch was given (oneDNN / MKL, best of `repeats`
+  after 3 untimed): what the cores deliver to the best-tuned dense kernel at their clock under load, beside
+  `cpu_peak`'s nominal figure."""
+  import torch  # pylint: disable=g-import-not-at-top
+  a = torch.randn(size, size)
+  b = torch.randn(size, size)
+  for _ in range(3):
+    torch.mm(a, b)
+  best = min(timed(lambda: torch.mm(a, b))[1] for _ in range(repeats))
+  gflops = 2 * size ** 3 / best / 1e9
+  return Peak(gflops, f"torch.mm {size}x{size}x{size} fp32 on {torch.get_num_threads()} threads: "
+                      f"{gflops:.0f} GFLOP/s (best of {repeats})")
+
+
 def gpu_peak(device_name: str, dtype: str, tf32: bool = True) -> Peak:
   """Peak for `dtype` compute: float32 convolutions run on TF32 tensor cores by default in both frameworks (XLA's
   default precision, torch.backends.cudnn.allow_tf32=True), so float32 is measured against the TF32 peak unless

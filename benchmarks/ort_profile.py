@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from benchmarks import compare_torch
+from benchmarks import compare_torch, harness
 from fcnjax import exporting
 
 
@@ -63,13 +63,26 @@ def ort_operator_times(path: str, images_nchw: np.ndarray, threads: int, runs: i
   return dict(by_op), statistics.median(walls)
 
 
-def fcnjax_inference_ms(name: str, reference, images_nhwc: np.ndarray, runs: int) -> float:
+def fcnjax_inference(name: str, reference, images_nhwc: np.ndarray, runs: int) -> tuple[float, float | None]:
+  """fcnjax's median ms per run, and the forward pass's FLOPs (XLA's count of the direct convolutions and the
+  element-wise work, whatever algorithm runs them)."""
   import jax  # pylint: disable=g-import-not-at-top
   model = compare_torch.fcnjax_model(name, compare_torch.NUM_CLASSES, "float32")
   variables = jax.tree.map(np.asarray, compare_torch.flax_variables_from_torch(name, reference))
-  runner = compare_torch.FcnjaxInfer(model, variables, images_nhwc, analyse=False)
+  runner = compare_torch.FcnjaxInfer(model, variables, images_nhwc, analyse=True)
   runner(1)
-  return statistics.median(1e3 * runner(1) for _ in range(runs))
+  return statistics.median(1e3 * runner(1) for _ in range(runs)), runner.info.flops
+
+
+def roofline(flops: float, ort_ms: float, ours_ms: float, gemm: harness.Peak, nominal: harness.Peak) -> str:
+  """Where ORT's and fcnjax's rates sit against a dense GEMM's on the same cores, and what 1.2x ORT would need."""
+  ort_rate, ours_rate = flops / ort_ms / 1e6, flops / ours_ms / 1e6
+  lines = [f"forward pass: {flops / 1e9:.1f} GFLOP (direct count); a dense fp32 GEMM here: {gemm.assumption}; "
+           f"nominal peak: {nominal.assumption}",
+           f"ORT: {ort_rate:.0f} GFLOP/s ({100 * ort_rate / gemm.gflops:.0f}% of the GEMM's); "
+           f"fcnjax: {ours_rate:.0f} GFLOP/s ({100 * ours_rate / gemm.gflops:.0f}%); 1.2x ORT: "
+           f"{1.2 * ort_rate:.0f} GFLOP/s ({120 * ort_rate / gemm.gflops:.0f}%)"]
+  return "\n".join(lines)
 
 
 def main(argv=None):
@@ -84,11 +97,14 @@ def main(argv=None):
   with tempfile.TemporaryDirectory() as directory:
     export = compare_torch.OrtTorchExport(reference, images, threads, directory)
     by_op, ort_ms = ort_operator_times(os.path.join(directory, "torch.onnx"), export.images, threads, args.runs)
-  ours_ms = fcnjax_inference_ms(args.model, reference, images, args.runs)
+  ours_ms, flops = fcnjax_inference(args.model, reference, images, args.runs)
   total = sum(ms for _, ms in by_op.values())
   print(f"{args.model}, batch {args.batch}, {args.size}x{args.size}, float32, {threads} threads")
   print(f"ONNX Runtime (PyTorch's export): {ort_ms:.1f} ms per run, {total:.1f} ms in kernels; "
-        f"fcnjax: {ours_ms:.1f} ms per run (fcnjax / ORT speed {ort_ms / ours_ms:.2f})\n")
+        f"fcnjax: {ours_ms:.1f} ms per run (fcnjax / ORT speed {ort_ms / ours_ms:.2f})")
+  if flops:
+    print(roofline(flops, ort_ms, ours_ms, harness.gemm_gflops(), harness.cpu_peak(threads)))
+  print()
   print("| ORT operator | nodes | ms per run | share |")
   print("|---|---|---|---|")
   for op, (nodes, ms) in sorted(by_op.items(), key=lambda item: -item[1][1]):

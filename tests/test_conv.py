@@ -20,7 +20,7 @@ import torch
 
 import test_depthwise
 from conftest import REPO_ROOT, subprocess_env
-from fcnjax.ops import conv, native
+from fcnjax.ops import conv, native, tap_regions
 
 # (batch, height, width, in, out, kernel, stride, padding, dilation): U-Net/VGG 3x3, ResNet's 7x7/2 stem, 3x3/2
 # and 1x1/2 downsampling, 1x1 widening, dilated 3x3 (fcn_resnet50's layer3/4), fc6's 7x7 VALID, odd sizes, uneven
@@ -39,6 +39,7 @@ CASES = [
     (2, 12, 12, 3, 3, 3, 1, ((1, 2), (0, 3)), 1),
     (1, 5, 6, 4, 4, 3, 1, ((12, 12), (12, 12)), 12),  # a rate wider than the map: only the centre tap reads it
     (2, 30, 14, 4, 4, 3, 1, ((24, 24), (24, 24)), 24),  # rate 24: all rows of taps read 30 rows, 14 columns one
+    (2, 14, 14, 8, 16, 3, 1, ((12, 12), (12, 12)), 12),  # rate 12 on 14x14: 18% of the taps' pixels read the map
 ]
 
 
@@ -122,6 +123,44 @@ def test_gemm_and_strip_forms_match_torch(case):
                                err_msg=f"strips of {rows} rows")
   np.testing.assert_allclose(np.asarray(gemm_y), y_ref, atol=1e-5 * _scale(y_ref))
   np.testing.assert_allclose(np.asarray(gemm_dx), dx_ref, atol=1e-5 * _scale(dx_ref))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[6] == 1 and c[5] == 3], ids=_case_id)
+def test_tap_region_forms_match_torch(case):
+  """fcnjax.ops.tap_regions called directly, whatever share of its taps' pixels read padding: the forward pass,
+  the input gradient and the weight gradient as one GEMM per tap over its rectangle."""
+  _, _, _, _, _, _, _, padding, dilation = case
+  x, kernel, dy, y_ref, dx_ref, dk_ref = _case_data(case)
+  dilations = (dilation, dilation)
+
+  @jax.jit
+  def region_forms(x, kernel, dy):
+    return (tap_regions.conv(x, kernel, padding, dilations),
+            tap_regions.input_grad(dy, kernel, x.shape, padding, dilations),
+            tap_regions.weight_grad(x, dy, kernel.shape, padding, dilations))
+
+  y, dx, dk = region_forms(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(dy))
+  np.testing.assert_allclose(np.asarray(y), y_ref, atol=1e-5 * _scale(y_ref))
+  np.testing.assert_allclose(np.asarray(dx), dx_ref, atol=1e-5 * _scale(dx_ref))
+  np.testing.assert_allclose(np.asarray(dk), dk_ref, atol=1e-5 * _scale(dk_ref))
+
+
+def test_tap_regions_are_picked_where_most_taps_read_padding():
+  """DeepLabV3's ASPP at 224x224 (a 28x28 map), rates 12 and 24 (51% and 18% of the taps' pixels read the map),
+  takes the regions for its forward pass and input gradient, and for its weight gradient where the native kernels
+  do not take it; ResNet's rate-4 layer4 (82%) keeps Winograd."""
+  def forms(x_shape, kernel_shape, rate):
+    return conv.cpu_forms(x_shape, kernel_shape, (1, 1), ((rate, rate), (rate, rate)), (rate, rate), jnp.float32)
+
+  aspp = ((2, 28, 28, 2048), (3, 3, 2048, 256))
+  assert tap_regions.live_share((28, 28), (3, 3), ((12, 12), (12, 12)), (12, 12)) == pytest.approx((60 / 84) ** 2)
+  weight_grad = "native" if native.available() else "regions"
+  for rate in (12, 24):
+    assert forms(*aspp, rate) == {"forward": "regions", "input_grad": "regions", "weight_grad": weight_grad}
+  assert forms((2, 28, 28, 2048), (3, 3, 2048, 250), 12)["weight_grad"] == "regions"  # not in 16s: no native
+  assert "regions" not in forms((2, 28, 28, 512), (3, 3, 512, 512), 4).values()
+  assert "regions" not in conv.cpu_forms((2, 28, 28, 64), (3, 3, 64, 64), (2, 2), ((12, 12), (12, 12)), (12, 12),
+                                         jnp.float32).values()  # strided: no per-tap rectangles here
 
 
 def test_narrow_kernels_keep_xlas_weight_gradient(monkeypatch):
@@ -497,7 +536,7 @@ def test_kernel_cache_trusts_only_private_folders_and_files(tmp_path):
 
 PLANTED_SCRIPT = textwrap.dedent("""
     import warnings, jax.numpy as jnp
-    from fcnjax.ops import conv, native
+    from fcnjax.ops import conv, native, tap_regions
     x, k = jnp.ones((1, 8, 8, 16)), jnp.ones((3, 3, 16, 16))
     y = conv.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=conv.NHWC_HWIO)
     print("available", native.available(), float(y[0, 4, 4, 0]))

@@ -12,6 +12,9 @@ weight gradient) `cpu_forms` names the form that computes it when compiling for 
 - "gemm" (`by_gemm`): forward pass and input gradient of 1x1 kernels and of convolutions with no more output
   pixels than output channels: patches @ kernel, and dy @ kernel^T put back by col2im (reading the kernel in
   place, no flipped copy);
+- "regions" (fcnjax.ops.tap_regions): a stride-1 convolution whose taps read padding at most of its pixels (a
+  share of live (tap, pixel) pairs up to MAX_TAP_REGIONS_LIVE_SHARE: DeepLabV3's ASPP branches), one GEMM per tap
+  over the output pixels where it reads the input; for all three parts, but the native weight gradient is kept;
 - "strips" (`weight_grad_by_strips`): the weight gradient of the convolutions the native kernels do not take
   (strided, 1x1, few output pixels, or no compiler) with more than MAX_XLA_GRAD_OUT_CHANNELS output channels:
   patches(x)^T @ dy summed over strips of output rows, each strip's patch matrix small enough to stay in cache and
@@ -39,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fcnjax.ops import depthwise, native, portable, windows
+from fcnjax.ops import depthwise, native, portable, tap_regions, windows
 from fcnjax.ops.params import ShapeCheckedParams
 
 Array = jax.Array
@@ -64,6 +67,15 @@ MAX_DY_FIRST_OUT_CHANNELS = 128
 # AVX2 builds (8-float vectors): no limit; 3x3x2048x512 at 28x28 takes 175 ms against XLA's 234 (2-core EPYC).
 # Figures from benchmarks/conv_layers.py, batch 2.
 MAX_NATIVE_INPUT_GRAD_CHANNELS = 512
+# A stride-1 convolution whose taps read the input at no more than this share of its (tap, output pixel) pairs runs
+# as one GEMM per tap over the pixels where that tap reads the input. 3x3 2048 -> 256 at batch 2, ms, against the
+# Winograd forward pass and XLA's input gradient: 28x28 at rate 12 (share 0.51) 101 -> 49 and 73 -> 46, rate 24
+# (0.18) 102 -> 13 and 82 -> 15; 65x65 at rate 24 (0.57) 384 -> 256 and 427 -> 281, rate 36 (0.40) 213 -> 181 and
+# 550 -> 205. At 0.66 (1024 -> 256 at rate 8 on 28x28) either is ahead from run to run. The weight gradient takes
+# it where the native kernels do not (against the strips: 126 -> 97 at rate 12, 137 -> 29 at rate 24); the native
+# one skips the padding itself and is as fast or faster (40 ms at rate 12, 19 at rate 24). 2-core Xeon (AVX-512),
+# benchmarks/conv_layers.py's dilated rows.
+MAX_TAP_REGIONS_LIVE_SHARE = 0.6
 
 
 def max_native_input_grad_channels() -> int | None:
@@ -161,6 +173,14 @@ def by_gemm(x_shape, kernel_shape, strides, pads, dilation) -> bool:
   return (kh, kw) == (1, 1) or x_shape[0] * out_h * out_w <= cout
 
 
+def tap_regions_share(x_shape, kernel_shape, strides, pads, dilation) -> float | None:
+  """The share of a stride-1 convolution's (tap, output pixel) pairs that read the input (None for a strided one or
+  a 1x1 kernel: those have no taps that read padding at some pixels only)."""
+  if tuple(strides) != (1, 1) or tuple(kernel_shape[:2]) == (1, 1):
+    return None
+  return tap_regions.live_share(x_shape[1:3], kernel_shape[:2], pads, dilation)
+
+
 def by_native(x_shape, kernel_shape, strides, pads, dilation, dtype) -> bool:
   """Whether the native kernels compute this convolution on CPU (building them on first use): stride 1, float32,
   output channels a multiple of 16, a kernel larger than 1x1, and not a GEMM case (by_gemm)."""
@@ -168,12 +188,19 @@ def by_native(x_shape, kernel_shape, strides, pads, dilation, dtype) -> bool:
           and not by_gemm(x_shape, kernel_shape, strides, pads, dilation) and native.available())
 
 
-def cpu_forms(x_shape, kernel_shape, strides, pads, dilation, dtype) -> dict[str, str]:
+def cpu_forms(x_shape, kernel_shape, strides, pads, dilation, dtype, regions: bool = True) -> dict[str, str]:
   """Which form computes each part of this convolution on CPU: "forward", "input_grad" and "weight_grad" each map
   to "native" (fcnjax.ops.native's direct kernels), "winograd" (its F(2x2, 3x3) kernels), "gemm" (conv_by_gemm,
-  input_grad_by_gemm), "strips" (weight_grad_by_strips) or "xla" (lax's own)."""
+  input_grad_by_gemm), "regions" (fcnjax.ops.tap_regions; `regions=False`: the form each part would have
+  without it), "strips" (weight_grad_by_strips) or "xla" (lax's own)."""
   _, _, cin, cout = kernel_shape
   gemm = by_gemm(x_shape, kernel_shape, strides, pads, dilation)
+  share = None if gemm or not regions else tap_regions_share(x_shape, kernel_shape, strides, pads, dilation)
+  if share is not None and share <= MAX_TAP_REGIONS_LIVE_SHARE:
+    # The native weight gradient skips the padding itself; strips and XLA's do not.
+    dense_weight_grad = cpu_forms(x_shape, kernel_shape, strides, pads, dilation, dtype, regions=False)["weight_grad"]
+    return {"forward": "regions", "input_grad": "regions",
+            "weight_grad": "native" if dense_weight_grad == "native" else "regions"}
   native_kernels = by_native(x_shape, kernel_shape, strides, pads, dilation, dtype)
   # The input gradient is a native forward convolution whose output channels are the input's.
   limit = max_native_input_grad_channels() if native_kernels else None
@@ -235,7 +262,8 @@ def _forward(x, kernel, strides, pads, dilation, precision):
   form = cpu_forms(x.shape, kernel.shape, strides, pads, dilation, x.dtype)["forward"]
   cpu_forward = {"native": lambda x, k: native.conv_forward(x, k, pads, dilation),
                  "winograd": lambda x, k: native.conv_forward(x, k, pads, dilation, by_winograd=True),
-                 "gemm": lambda x, k: conv_by_gemm(x, k, strides, pads, dilation, precision)}.get(form)
+                 "gemm": lambda x, k: conv_by_gemm(x, k, strides, pads, dilation, precision),
+                 "regions": lambda x, k: tap_regions.conv(x, k, pads, dilation, precision)}.get(form)
 
   def xla_forward(x, kernel):
     return _lax_conv(x, kernel, strides, pads, dilation, precision)
@@ -279,10 +307,17 @@ def _conv_bwd(strides, pads, dilation, precision, residuals, dy):
   def native_weight_grad(x, dy):
     return native.conv_weight_grad(x, dy, kernel.shape, pads, dilation)
 
+  def regions_input_grad(dy, kernel):
+    return tap_regions.input_grad(dy, kernel, x.shape, pads, dilation, precision)
+
+  def regions_weight_grad(x, dy):
+    return tap_regions.weight_grad(x, dy, kernel.shape, pads, dilation, precision).astype(kernel.dtype)
+
   forms = cpu_forms(x.shape, kernel.shape, strides, pads, dilation, x.dtype)
   cpu_input_grad = {"native": native_input_grad, "winograd": winograd_input_grad,
-                    "gemm": gemm_input_grad}.get(forms["input_grad"])
-  cpu_weight_grad = {"native": native_weight_grad, "strips": strip_weight_grad}.get(forms["weight_grad"])
+                    "gemm": gemm_input_grad, "regions": regions_input_grad}.get(forms["input_grad"])
+  cpu_weight_grad = {"native": native_weight_grad, "strips": strip_weight_grad,
+                     "regions": regions_weight_grad}.get(forms["weight_grad"])
   dx = (xla_input_grad(dy, kernel) if cpu_input_grad is None
         else _on_cpu_else(cpu_input_grad, xla_input_grad, dy, kernel))
   dk = (xla_weight_grad(x, dy) if cpu_weight_grad is None
