@@ -536,7 +536,7 @@ def test_kernel_cache_trusts_only_private_folders_and_files(tmp_path):
 
 PLANTED_SCRIPT = textwrap.dedent("""
     import warnings, jax.numpy as jnp
-    from fcnjax.ops import conv, native, tap_regions
+    from fcnjax.ops import conv, native
     x, k = jnp.ones((1, 8, 8, 16)), jnp.ones((3, 3, 16, 16))
     y = conv.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=conv.NHWC_HWIO)
     print("available", native.available(), float(y[0, 4, 4, 0]))

@@ -188,19 +188,13 @@ def by_native(x_shape, kernel_shape, strides, pads, dilation, dtype) -> bool:
           and not by_gemm(x_shape, kernel_shape, strides, pads, dilation) and native.available())
 
 
-def cpu_forms(x_shape, kernel_shape, strides, pads, dilation, dtype, regions: bool = True) -> dict[str, str]:
+def cpu_forms(x_shape, kernel_shape, strides, pads, dilation, dtype) -> dict[str, str]:
   """Which form computes each part of this convolution on CPU: "forward", "input_grad" and "weight_grad" each map
   to "native" (fcnjax.ops.native's direct kernels), "winograd" (its F(2x2, 3x3) kernels), "gemm" (conv_by_gemm,
-  input_grad_by_gemm), "regions" (fcnjax.ops.tap_regions; `regions=False`: the form each part would have
-  without it), "strips" (weight_grad_by_strips) or "xla" (lax's own)."""
+  input_grad_by_gemm), "regions" (fcnjax.ops.tap_regions), "strips" (weight_grad_by_strips) or "xla" (lax's
+  own)."""
   _, _, cin, cout = kernel_shape
   gemm = by_gemm(x_shape, kernel_shape, strides, pads, dilation)
-  share = None if gemm or not regions else tap_regions_share(x_shape, kernel_shape, strides, pads, dilation)
-  if share is not None and share <= MAX_TAP_REGIONS_LIVE_SHARE:
-    # The native weight gradient skips the padding itself; strips and XLA's do not.
-    dense_weight_grad = cpu_forms(x_shape, kernel_shape, strides, pads, dilation, dtype, regions=False)["weight_grad"]
-    return {"forward": "regions", "input_grad": "regions",
-            "weight_grad": "native" if dense_weight_grad == "native" else "regions"}
   native_kernels = by_native(x_shape, kernel_shape, strides, pads, dilation, dtype)
   # The input gradient is a native forward convolution whose output channels are the input's.
   limit = max_native_input_grad_channels() if native_kernels else None
@@ -209,9 +203,15 @@ def cpu_forms(x_shape, kernel_shape, strides, pads, dilation, dtype, regions: bo
   def native_form(flip):
     return "winograd" if native.supports_winograd(kernel_shape, flip) else "native"
 
+  weight_grad = "native" if native_kernels else "strips" if cout > MAX_XLA_GRAD_OUT_CHANNELS else "xla"
+  share = None if gemm else tap_regions_share(x_shape, kernel_shape, strides, pads, dilation)
+  if share is not None and share <= MAX_TAP_REGIONS_LIVE_SHARE:
+    # The native weight gradient skips the padding itself; strips and XLA's do not.
+    return {"forward": "regions", "input_grad": "regions",
+            "weight_grad": "native" if weight_grad == "native" else "regions"}
   return {"forward": native_form(False) if native_kernels else "gemm" if gemm else "xla",
           "input_grad": native_form(True) if native_input_grad else "gemm" if gemm else "xla",
-          "weight_grad": "native" if native_kernels else "strips" if cout > MAX_XLA_GRAD_OUT_CHANNELS else "xla"}
+          "weight_grad": weight_grad}
 
 
 def _flipped_pads(kernel_hw, pads, dilation):
