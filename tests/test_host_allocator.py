@@ -1,9 +1,12 @@
-"""fcnjax.host_allocator: a block that a worker thread frees is reused by the next one without new page faults."""
+"""fcnjax.host_allocator: a block that a worker thread frees is reused by the next one without new page faults; the
+benchmark's huge-pages setting makes glibc fault such a block in 2 MiB at a time."""
+import os
 import subprocess
 import sys
 
 import pytest
 
+from benchmarks import host_allocator as benchmark
 from fcnjax import host_allocator
 
 pytestmark = pytest.mark.skipif(not host_allocator.is_glibc(), reason="glibc's allocator only")
@@ -35,11 +38,35 @@ print(faults[1])
 """
 
 
-def _second_round_faults(setting: str) -> int:
-  result = subprocess.run([sys.executable, "-c", _SCRIPT, setting], capture_output=True, text=True, check=True)
+def _second_round_faults(setting: str, huge_pages: bool = False) -> int:
+  result = subprocess.run([sys.executable, "-c", _SCRIPT, setting], capture_output=True, text=True, check=True,
+                          env=benchmark.huge_pages_environment(os.environ, huge_pages))
   return int(result.stdout.split()[-1])
 
 
 def test_a_freed_block_is_reused_without_page_faults():
   assert _second_round_faults("default") > 30_000  # glibc's default maps the block again
   assert _second_round_faults("keep") < 1_000
+
+
+def test_the_huge_pages_tunable_is_added_to_or_taken_from_the_others():
+  environ = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0:glibc.malloc.arena_max=2", "HOME": "/h"}
+  assert benchmark.huge_pages_environment(environ, on=True) == {
+      "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1", "HOME": "/h"}
+  assert benchmark.huge_pages_environment(environ, on=False) == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2",
+                                                                  "HOME": "/h"}
+  assert benchmark.huge_pages_environment({"GLIBC_TUNABLES": benchmark.HUGE_PAGES_TUNABLE}, on=False) == {}
+
+
+def _kernel_gives_huge_pages_where_asked() -> bool:
+  try:
+    with open("/sys/kernel/mm/transparent_hugepage/enabled", encoding="ascii") as f:
+      mode = f.read()
+  except OSError:
+    return False
+  return "[madvise]" in mode or "[always]" in mode
+
+
+@pytest.mark.skipif(not _kernel_gives_huge_pages_where_asked(), reason="transparent huge pages are off")
+def test_with_the_huge_pages_tunable_a_block_faults_in_2_mib_at_a_time():
+  assert _second_round_faults("default", huge_pages=True) < 1_000  # 256 MB: 128 faults of 2 MiB, not 65,536
