@@ -150,3 +150,14 @@ def test_prepare_inference_image():
   out = data.prepare_inference_image(image, cfg)
   assert out.shape == (32, 32, 3) and out.dtype == np.float32
   np.testing.assert_allclose(out[5, 5], data.normalize(image[:1, :1], cfg)[0, 0], rtol=1e-6)
+
+
+def test_ignore_margin_leaves_the_crop_inside_it_and_ignores_the_rest():
+  example = _coded_example(24, 24)
+  plain = transforms.TrainTransform(crop_size=(16, 16))(example, np.random.default_rng(5))
+  out = transforms.TrainTransform(crop_size=(16, 16), ignore_margin=3)(example, np.random.default_rng(5))
+  np.testing.assert_array_equal(out["image"], plain["image"])
+  np.testing.assert_array_equal(out["mask"][3:13, 3:13], plain["mask"][3:13, 3:13])
+  inside = np.zeros((16, 16), bool)
+  inside[3:13, 3:13] = True
+  assert np.all(out["mask"][~inside] == 255)

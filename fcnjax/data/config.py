@@ -66,6 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.border_w0 = 10.0                # paper: w0 = 10
   c.border_sigma = 5.0              # paper: sigma = 5 pixels
   c.border_class_weights = ()       # w_c per class; () = balanced on each mask, n / (K * n_k)
+  c.ignore_margin = 0               # a training crop's outer pixels, on each side, that the loss ignores
   c.mean = IMAGENET_MEAN
   c.std = IMAGENET_STD
 

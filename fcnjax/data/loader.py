@@ -120,13 +120,16 @@ def build_train_data(cfg, *, batch_size: int, seed: int, process_index: int = 0,
     raise ValueError(f"seed={seed} must be in [0, 2**32) (grain's shuffle seed)")
   split = sources.load_split(cfg, "train")
   crop = _train_crop(cfg, split)
+  if not 0 <= cfg.ignore_margin < min(crop) / 2:
+    raise ValueError(f"data.ignore_margin={cfg.ignore_margin} must be at least 0 and leave some of the "
+                     f"{crop[0]}x{crop[1]} training crop to train on")
   if cfg.rot90 and crop[0] != crop[1]:
     raise ValueError(f"data.rot90=True needs a square crop, got {crop[0]}x{crop[1]}; set data.crop_size")
   transform = transforms.TrainTransform(
       crop_size=crop, scale_range=tuple(cfg.scale_range), hflip=cfg.hflip, vflip=cfg.vflip, rot90=cfg.rot90,
       elastic=cfg.elastic, elastic_sigma=float(cfg.elastic_sigma), elastic_grid_points=int(cfg.elastic_grid_points),
       border_weight=cfg.border_weight, border_w0=float(cfg.border_w0), border_sigma=float(cfg.border_sigma),
-      border_class_weights=tuple(float(w) for w in cfg.border_class_weights),
+      border_class_weights=tuple(float(w) for w in cfg.border_class_weights), ignore_margin=int(cfg.ignore_margin),
       mean=tuple(cfg.mean), std=tuple(cfg.std), ignore_index=cfg.ignore_index)
   ds = grain.MapDataset.source(split.examples).shuffle(seed=seed).repeat()
   ds = ds.random_map(_ApplyTransform(transform), seed=seed)

@@ -97,6 +97,14 @@ def elastic_deform(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
   return elastic_lib.elastic_deform(image, mask, rng, sigma=sigma, grid_points=grid_points)
 
 
+def ignore_margin(mask: np.ndarray, margin: int, ignore_index: int) -> np.ndarray:
+  """A copy of `mask` (H, W) with its outer `margin` pixels on each side set to ignore_index."""
+  height, width = mask.shape[:2]
+  out = np.full_like(mask, ignore_index)
+  out[margin:height - margin, margin:width - margin] = mask[margin:height - margin, margin:width - margin]
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainTransform:
   """Random scale -> pad/crop -> flips -> 90-degree rotation -> (elastic) -> normalise. Picklable for workers.
@@ -104,6 +112,9 @@ class TrainTransform:
   With border_weight, the example also gets 'weight', the U-Net paper's weight map (fcnjax.data.weight_map) of
   the mask as it leaves the augmentation, so that its distances are those of the deformed membranes the network
   sees (warping a precomputed map instead would stretch the weights with the membranes and lose that).
+  With ignore_margin m, the mask's outer m pixels on each side are set to ignore_index after that: the loss then
+  scores only pixels with at least m pixels of the crop around them, as the U-Net paper's unpadded convolutions
+  score only the pixels whose context lies in the tile.
   """
   crop_size: tuple[int, int]
   scale_range: tuple[float, float] = (1.0, 1.0)
@@ -117,6 +128,7 @@ class TrainTransform:
   border_w0: float = weight_map.DEFAULT_W0
   border_sigma: float = weight_map.DEFAULT_SIGMA
   border_class_weights: tuple[float, ...] = ()   # () = balanced per mask
+  ignore_margin: int = 0
   mean: tuple[float, ...] = (0.485, 0.456, 0.406)
   std: tuple[float, ...] = (0.229, 0.224, 0.225)
   ignore_index: int = 255
@@ -139,6 +151,8 @@ class TrainTransform:
       out["weight"] = weight_map.unet_weight_map(
           np.ascontiguousarray(mask), w0=self.border_w0, sigma=self.border_sigma,
           class_weights=tuple(self.border_class_weights) or None, ignore_index=self.ignore_index)
+    if self.ignore_margin:
+      out["mask"] = ignore_margin(out["mask"], self.ignore_margin, self.ignore_index)
     return out
 
 
