@@ -66,7 +66,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.border_w0 = 10.0                # paper: w0 = 10
   c.border_sigma = 5.0              # paper: sigma = 5 pixels
   c.border_class_weights = ()       # w_c per class; () = balanced on each mask, n / (K * n_k)
-  c.ignore_margin = 0               # a training crop's outer pixels, on each side, that the loss ignores
+  c.ignore_margin = 0               # a training crop's outer pixels, on each side, that the loss ignores; pixels
+                                    # by an image's edge are then untrained: infer with --tile, which mirror-pads
   c.mean = IMAGENET_MEAN
   c.std = IMAGENET_STD
 
