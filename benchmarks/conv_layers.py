@@ -7,8 +7,8 @@ For every case: the forward pass, the input gradient and the weight gradient, ea
 form `conv.cpu_forms` picks: "native" (fcnjax.ops.native's direct C++ kernels), "winograd" (its F(2x2, 3x3)
 kernels), "gemm" (patches @ kernel, dy @ kernel^T + col2im), "regions" (one GEMM per tap over the pixels where it
 reads the input; in brackets, the time and form the part takes without it), "strips" (the strip-wise weight
-gradient), or "=" where fcnjax keeps XLA's. Each of fcnjax's results is checked against XLA's (the last column: the largest
-difference relative to XLA's largest value). Shapes: the U-Net's 3x3 layers at 224x224 (64..1024 channels, a
+gradient), or "=" where fcnjax keeps XLA's. Each of fcnjax's results is checked against XLA's (the last column: the
+largest difference relative to XLA's largest value). Shapes: the U-Net's 3x3 layers at 224x224 (64..1024 channels, a
 decoder's 128 -> 64), its first layer, ResNet-50's 3x3/2, 7x7/2 and 1x1 layers, fcn_resnet50's classifier conv,
 fcn8s's fc6 and fc7, the quickstart U-Net's 16-channel layers at batch 16, and dilated 3x3 layers: fcn_resnet50's
 layer4 (rate 4), DeepLabV3's ASPP (rates 12 and 24 at 224x224, 12/24/36 at 520x520), a rate 8 on 1024 channels,
@@ -105,10 +105,13 @@ def main():
     row = dict(batch=batch, size=size, cin=cin, cout=cout, kernel=k, stride=stride, padding=pad, dilation=rate,
                relative_diff=0.0)
     geometry = ((stride, stride), ((pad, pad), (pad, pad)), (rate, rate))
-    with tap_regions_off():
-      without_regions = _parts(x, kernel, *geometry)
+    parts = _parts(x, kernel, *geometry)
+    without_regions = {}
+    if any(form == "regions" for *_, form in parts.values()):
+      with tap_regions_off():
+        without_regions = _parts(x, kernel, *geometry)
     cells = []
-    for part, (xla, fcnjax, inputs, form) in _parts(x, kernel, *geometry).items():
+    for part, (xla, fcnjax, inputs, form) in parts.items():
       xla = jax.jit(xla)
       row[part] = {"xla_ms": harness.median_ms(xla, *inputs, repeats=args.repeats), "form": form}
       if fcnjax is None:
