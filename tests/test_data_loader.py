@@ -108,6 +108,8 @@ def test_bad_batch_and_process_arguments():
     data.build_train_data(_cfg(), batch_size=8, seed=0, process_index=2, process_count=2)
   with pytest.raises(ValueError, match="ignore_margin=12 must be at least 0 and leave some of the 24x24"):
     data.build_train_data(_cfg(ignore_margin=12), batch_size=4, seed=0)
+  with pytest.raises(ValueError, match="mirror_padding=-1 must be >= 0"):
+    data.build_train_data(_cfg(mirror_padding=-1), batch_size=4, seed=0)
 
 
 @pytest.mark.slow

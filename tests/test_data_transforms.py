@@ -152,6 +152,21 @@ def test_prepare_inference_image():
   np.testing.assert_allclose(out[5, 5], data.normalize(image[:1, :1], cfg)[0, 0], rtol=1e-6)
 
 
+def test_mirror_padding_is_torchvision_symmetric_padding_before_the_crop():
+  """A crop of the padded size has one placement: the example with 3 mirrored pixels on each side, image and mask
+  alike (red = 40 * class, so a mask mirrored apart from its image shows)."""
+  tf = pytest.importorskip("torchvision.transforms.functional")
+  from PIL import Image
+  example = _coded_example(9, 11)
+  out = transforms.TrainTransform(crop_size=(15, 17), hflip=False, mirror_padding=3)(example,
+                                                                                      np.random.default_rng(0))
+  want_image = np.asarray(tf.pad(Image.fromarray(example["image"]), 3, padding_mode="symmetric"))
+  want_mask = np.asarray(tf.pad(Image.fromarray(example["mask"]), 3, padding_mode="symmetric"))
+  np.testing.assert_array_equal(_denormalize(out["image"]), want_image)
+  np.testing.assert_array_equal(out["mask"], want_mask)
+  np.testing.assert_array_equal(out["mask"][3:12, 3:14], example["mask"])
+
+
 def test_ignore_margin_leaves_the_crop_inside_it_and_ignores_the_rest():
   example = _coded_example(24, 24)
   plain = transforms.TrainTransform(crop_size=(16, 16))(example, np.random.default_rng(5))

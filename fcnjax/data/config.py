@@ -66,6 +66,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.border_w0 = 10.0                # paper: w0 = 10
   c.border_sigma = 5.0              # paper: sigma = 5 pixels
   c.border_class_weights = ()       # w_c per class; () = balanced on each mask, n / (K * n_k)
+  c.mirror_padding = 0              # pixels mirrored onto each side of a training example before the crop, so
+                                    # that its edge pixels train with the context --tile inference mirrors in
   c.ignore_margin = 0               # a training crop's outer pixels, on each side, that the loss ignores; pixels
                                     # by an image's edge are then untrained: infer with --tile, which mirror-pads
   c.mean = IMAGENET_MEAN
@@ -126,7 +128,8 @@ def check(cfg: ml_collections.ConfigDict) -> None:
       raise ValueError(f"data config {key}={cfg[key]}; expected 3 values (R, G, B) in [0, 1] units")
   if min(cfg.std) <= 0:
     raise ValueError(f"data config std={cfg.std}; every value must be positive")
-  for key in ("crop_size", "eval_size", "eval_canvas", "val_count", "workers", "read_threads", "prefetch_batches"):
+  for key in ("crop_size", "mirror_padding", "eval_size", "eval_canvas", "val_count", "workers", "read_threads",
+              "prefetch_batches"):
     if cfg[key] < 0:
       raise ValueError(f"data config {key}={cfg[key]} must be >= 0")
   if cfg.elastic_sigma < 0 or cfg.elastic_grid_points < 2:

@@ -130,7 +130,7 @@ def build_train_data(cfg, *, batch_size: int, seed: int, process_index: int = 0,
       elastic=cfg.elastic, elastic_sigma=float(cfg.elastic_sigma), elastic_grid_points=int(cfg.elastic_grid_points),
       border_weight=cfg.border_weight, border_w0=float(cfg.border_w0), border_sigma=float(cfg.border_sigma),
       border_class_weights=tuple(float(w) for w in cfg.border_class_weights), ignore_margin=int(cfg.ignore_margin),
-      mean=tuple(cfg.mean), std=tuple(cfg.std), ignore_index=cfg.ignore_index)
+      mirror_padding=int(cfg.mirror_padding), mean=tuple(cfg.mean), std=tuple(cfg.std), ignore_index=cfg.ignore_index)
   ds = grain.MapDataset.source(split.examples).shuffle(seed=seed).repeat()
   ds = ds.random_map(_ApplyTransform(transform), seed=seed)
   ds = ds.batch(local, drop_remainder=True)[process_index::process_count]

@@ -78,6 +78,15 @@ def pad_to(image: np.ndarray, mask: np.ndarray, size, ignore_index: int) -> tupl
   return image, mask
 
 
+def mirror_pad(image: np.ndarray, mask: np.ndarray, padding: int) -> tuple:
+  """Image (H, W, 3) and mask (H, W) with `padding` pixels mirrored onto each side, the edge pixel repeated
+  (numpy's 'symmetric'; torchvision's padding_mode='symmetric'), as overlap-tile inference pads an image."""
+  if not padding:
+    return image, mask
+  return (np.pad(image, ((padding, padding), (padding, padding), (0, 0)), mode="symmetric"),
+          np.pad(mask, padding, mode="symmetric"))
+
+
 def random_crop(image: np.ndarray, mask: np.ndarray, size, rng: np.random.Generator, ignore_index: int) -> tuple:
   """A uniformly placed crop of `size`, padding first where the example is smaller."""
   h, w = _hw(size)
@@ -107,7 +116,12 @@ def ignore_margin(mask: np.ndarray, margin: int, ignore_index: int) -> np.ndarra
 
 @dataclasses.dataclass(frozen=True)
 class TrainTransform:
-  """Random scale -> pad/crop -> flips -> 90-degree rotation -> (elastic) -> normalise. Picklable for workers.
+  """Random scale -> (mirror padding) -> pad/crop -> flips -> 90-degree rotation -> (elastic) -> normalise.
+  Picklable for workers.
+
+  With mirror_padding p, p pixels are mirrored onto each side of the example before the crop, so crops reach
+  past its edge: its edge pixels are then trained with the mirrored context that overlap-tile inference gives
+  them, and crops cover them as often as, without the padding, they cover the pixels p inside the edge.
 
   With border_weight, the example also gets 'weight', the U-Net paper's weight map (fcnjax.data.weight_map) of
   the mask as it leaves the augmentation, so that its distances are those of the deformed membranes the network
@@ -129,12 +143,14 @@ class TrainTransform:
   border_sigma: float = weight_map.DEFAULT_SIGMA
   border_class_weights: tuple[float, ...] = ()   # () = balanced per mask
   ignore_margin: int = 0
+  mirror_padding: int = 0
   mean: tuple[float, ...] = (0.485, 0.456, 0.406)
   std: tuple[float, ...] = (0.229, 0.224, 0.225)
   ignore_index: int = 255
 
   def __call__(self, example: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
     image, mask = random_scale(example["image"], example["mask"], rng, self.scale_range)
+    image, mask = mirror_pad(image, mask, self.mirror_padding)
     image, mask = random_crop(image, mask, self.crop_size, rng, self.ignore_index)
     if self.hflip and rng.random() < 0.5:
       image, mask = image[:, ::-1], mask[:, ::-1]
