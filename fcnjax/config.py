@@ -39,7 +39,11 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
       progress=True,
       num_predictions=0,               # validation images written as PNGs at the end of training
   ))
-  config.eval = ml_collections.ConfigDict(dict(batch_size=8))
+  config.eval = ml_collections.ConfigDict(dict(
+      batch_size=8,
+      tile=0,                          # > 0: validate by overlap tiles of tile x tile (margin tile // 8), as
+                                       # `fcnjax.evaluate --tile` scores, image by image on one device
+  ))
   return config
 
 

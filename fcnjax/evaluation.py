@@ -86,26 +86,27 @@ def folder_examples(images_dir: str, masks_dir: str, data_config) -> folder.Fold
   return folder.FolderPairs(checked.pairs, spec, checked=True, on_bad_file=cfg.on_bad_file)
 
 
-def _readable_examples(examples, description: str):
+def _readable_examples(examples, description: str, progress: bool = True):
   """The examples one by one under a progress bar, without those read in place of a file gone since the check
   (data.on_bad_file='skip'): each is scored under its own index."""
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  for i in tqdm(range(len(examples)), desc=description, unit="image"):
+  for i in tqdm(range(len(examples)), desc=description, unit="image", disable=not progress):
     example = examples[i]
     if example.get(folder.UNREADABLE, -1) < 0:
       yield example
 
 
-def evaluate_per_image(segmenter: Segmenter, info: data.DatasetInfo, examples=None) -> tuple[np.ndarray, dict]:
+def evaluate_per_image(segmenter: Segmenter, info: data.DatasetInfo, examples=None,
+                       progress: bool = True) -> tuple[np.ndarray, dict]:
   """Per-image inference (whole or tiled) on the host over `examples` (the validation split by default): the
   confusion matrix and, for binary data, the challenge metrics (pixel error, foreground IoU / Dice, Rand error) over
-  the whole stack."""
+  the whole stack. `progress` shows a progress bar over the images."""
   if examples is None:
     examples = sources.load_split(segmenter.data_config, "validation").examples
   num_classes = num_scored_classes(info)
   confusion = np.zeros((num_classes, num_classes), np.int64)
   predictions, truths = [], []
-  for example in _readable_examples(examples, "evaluate"):
+  for example in _readable_examples(examples, "evaluate", progress):
     prediction = segmenter.labels(example["image"])
     confusion += np.asarray(metrics.confusion_matrix(prediction[None], example["mask"][None].astype(np.int32),
                                                      num_classes, info.ignore_index), np.int64)

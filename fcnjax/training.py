@@ -189,6 +189,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, executa
   check_config(config, info)
   train_data = data.build_train_data(config.data, batch_size=config.train.batch_size, seed=config.seed,
                                      process_index=jax.process_index(), process_count=jax.process_count())
+  if config.eval.tile < 0:
+    raise ValueError(f"eval.tile={config.eval.tile} must be >= 0 (0 validates whole images)")
   eval_data = data.build_eval_data(config.data, split="validation", batch_size=config.eval.batch_size,
                                    process_index=jax.process_index(), process_count=jax.process_count())
   total_steps = total_train_steps(config, train_data.steps_per_epoch)
@@ -214,11 +216,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, executa
 
   train_step = steps.jit_train_step(config, total_steps, replicated, executables)
   eval_step = evaluation.make_eval_step(model, info, mesh, executables)
+  # Tiled validation predicts on the host, image by image, as fcnjax.evaluate --tile does; every process scores
+  # the whole split, so all agree on the best checkpoint.
+  tiled = (Segmenter(model, None, config.data, tile=config.eval.tile, executables=executables)
+           if config.eval.tile else None)
   # Compiled before the barrier: a host that compiles more slowly than its peers then waits there, not in its
   # first collective (see parallel.wait_for_all_processes).
   start = time.perf_counter()
   loaded = train_step.compile(state, parallel.global_shapes(example_batch, batch_sharding)).loaded
-  evaluation.compile_eval_step(eval_step, _variables_of(state), eval_data, batch_sharding)
+  if tiled is None:
+    evaluation.compile_eval_step(eval_step, _variables_of(state), eval_data, batch_sharding)
   logging.info("train and eval steps %s in %.1f s", "loaded" if loaded else "compiled", time.perf_counter() - start)
   parallel.wait_for_all_processes("compiled")
 
@@ -243,12 +250,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, executa
     tick[:] = [time.perf_counter(), step]
 
   def evaluate(step: int, state) -> None:
-    confusion = evaluation.confusion_over(eval_step, _variables_of(state), eval_data, batch_sharding,
-                                          evaluation.num_scored_classes(info))
-    summary.update(metrics.summarize(confusion, info.class_names if info.num_classes > 1 else None))
+    challenge = {}
+    if tiled is None:
+      confusion = evaluation.confusion_over(eval_step, _variables_of(state), eval_data, batch_sharding,
+                                            evaluation.num_scored_classes(info))
+    else:
+      tiled.variables = jax.device_get(_variables_of(state))
+      confusion, challenge = evaluation.evaluate_per_image(tiled, info, progress=False)  # the loop's bar shows
+    summary.update(metrics.summarize(confusion, info.class_names if info.num_classes > 1 else None), **challenge)
     writer.write("eval", step, {k: v for k, v in summary.items() if not isinstance(v, str)})
     progress.write(f"step {step}: mIoU {summary['miou']:.4f}  pixel accuracy {summary['pixel_accuracy']:.4f}"
-                   f"  mean Dice {summary['mean_dice']:.4f}")
+                   f"  mean Dice {summary['mean_dice']:.4f}"
+                   + "".join(f"  {name.replace('_', ' ')} {value:.4f}" for name, value in challenge.items()))
     ckpts.save_best(step, state, record, summary["miou"])
 
   def save(step: int, state) -> None:

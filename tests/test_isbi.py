@@ -252,6 +252,7 @@ def isbi_run(isbi_crops, tmp_path_factory):
   config.train.num_predictions = 0
   config.train.progress = False
   config.eval.batch_size = 1
+  config.eval.tile = 32
   workdir = tmp_path_factory.mktemp("isbi_run")
   training.train_and_evaluate(config, str(workdir))
   return config, workdir
@@ -272,6 +273,20 @@ def test_isbi_pipeline_trains_with_border_weights(isbi_run, isbi_crops):
   background_iou, foreground_iou = evaluated["per_class_iou"]
   assert evaluated["fw_iou"] == pytest.approx((1 - foreground) * background_iou + foreground * foreground_iou,
                                               rel=1e-9)
+
+
+@pytest.mark.slow
+def test_isbi_tiled_validation_during_training_scores_as_evaluate_tile_does(isbi_run):
+  """eval.tile=32: the loop's validation is `fcnjax.evaluate --tile=32` of the checkpoint it scored, challenge
+  metrics included."""
+  _, workdir = isbi_run
+  (trained,) = [r for r in reporting.read_metrics(str(workdir)) if r["kind"] == "eval"]
+  result = run_python("-m", "fcnjax.evaluate", f"--workdir={workdir}", "--tile=32", "--checkpoint=latest")
+  assert result.returncode == 0, result.stderr[-3000:]
+  record = json.loads((workdir / "evaluation.json").read_text())
+  assert record["step"] == trained["step"] == 40
+  for key in ("pixel_error", "rand_error", "foreground_iou", "miou", "per_class_iou"):
+    np.testing.assert_allclose(trained[key], record[key], atol=1e-9, err_msg=key)
 
 
 @pytest.mark.slow
