@@ -184,13 +184,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, executa
   batch_sharding, replicated = parallel.batch_sharded(mesh), parallel.replicated(mesh)
   parallel.check_batch_size(config.train.batch_size)
   parallel.check_batch_size(config.eval.batch_size, "eval.batch_size")
+  if config.eval.tile < 0:
+    raise ValueError(f"eval.tile={config.eval.tile} must be >= 0 (0 validates whole images)")
 
   info = data.dataset_info(config.data)
   check_config(config, info)
   train_data = data.build_train_data(config.data, batch_size=config.train.batch_size, seed=config.seed,
                                      process_index=jax.process_index(), process_count=jax.process_count())
-  if config.eval.tile < 0:
-    raise ValueError(f"eval.tile={config.eval.tile} must be >= 0 (0 validates whole images)")
   eval_data = data.build_eval_data(config.data, split="validation", batch_size=config.eval.batch_size,
                                    process_index=jax.process_index(), process_count=jax.process_count())
   total_steps = total_train_steps(config, train_data.steps_per_epoch)
@@ -256,7 +256,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, executa
                                             evaluation.num_scored_classes(info))
     else:
       tiled.variables = jax.device_get(_variables_of(state))
-      confusion, challenge = evaluation.evaluate_per_image(tiled, info, progress=False)  # the loop's bar shows
+      # The split as loaded (and its files checked) once for the run; the loop's bar shows the progress.
+      confusion, challenge = evaluation.evaluate_per_image(tiled, info, eval_data.examples, progress=False)
     summary.update(metrics.summarize(confusion, info.class_names if info.num_classes > 1 else None), **challenge)
     writer.write("eval", step, {k: v for k, v in summary.items() if not isinstance(v, str)})
     progress.write(f"step {step}: mIoU {summary['miou']:.4f}  pixel accuracy {summary['pixel_accuracy']:.4f}"
