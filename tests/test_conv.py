@@ -40,6 +40,8 @@ CASES = [
     (1, 5, 6, 4, 4, 3, 1, ((12, 12), (12, 12)), 12),  # a rate wider than the map: only the centre tap reads it
     (2, 30, 14, 4, 4, 3, 1, ((24, 24), (24, 24)), 24),  # rate 24: all rows of taps read 30 rows, 14 columns one
     (2, 14, 14, 8, 16, 3, 1, ((12, 12), (12, 12)), 12),  # rate 12 on 14x14: 18% of the taps' pixels read the map
+    (2, 6, 5, 3, 16, 3, 1, ((10, 10), (10, 10)), 1),  # FCN's padding of 100 in small: outputs that read only padding
+    (1, 7, 6, 4, 5, 3, 2, ((9, 8), (7, 10)), 1),  # the same, strided and uneven
 ]
 
 

@@ -22,7 +22,9 @@ import torchvision  # noqa: E402
 from fcnjax.conversion.common import ConversionError  # noqa: E402
 from fcnjax.conversion.vgg import convert_vgg16  # noqa: E402
 from fcnjax.models import build_model  # noqa: E402
+from fcnjax.models import padding_band  # noqa: E402
 from fcnjax.models.vgg import VGG16Features  # noqa: E402
+from fcnjax.ops import native  # noqa: E402
 from torch_reference import fcn as torch_fcn  # noqa: E402
 
 RTOL = 1e-4
@@ -163,6 +165,43 @@ def test_fcn8s_matches_torch_reference(hw, reference_fcn8s, fcn8s_variables):
     ref = reference_fcn8s(torch.from_numpy(x))
   out = jax.jit(model.apply)(fcn8s_variables, nchw_to_nhwc(x))["out"]
   assert_parity(out, nchw_to_nhwc(ref), f"fcn8s at {hw[0]}x{hw[1]}")
+
+
+def test_band_cuts_of_the_fcn_trunk():
+  """At 224 the padding of 100 leaves 95, 42 and 14 band pixels a side out of blocks 1-3 (the narrowest band less the
+  one copied back from); blocks 4-5 and torchvision's padding of 1 have none."""
+  cuts = padding_band.band_cuts(224, 100, (2, 2, 3, 3, 3), ceil_mode=True)
+  assert [(c.left, c.right) for c in cuts] == [(95, 95), (42, 42), (14, 14), (0, 0), (0, 0)]
+  assert all((c.left, c.right) == (0, 0) for c in padding_band.band_cuts(224, 1, (2, 2, 3, 3, 3), ceil_mode=False))
+
+
+@pytest.mark.parametrize("hw", [(7, 9), pytest.param((1, 1), marks=pytest.mark.slow),
+                                pytest.param((20, 13), marks=pytest.mark.slow)])
+def test_cut_band_keeps_the_trunks_maps_and_gradients(hw):
+  """VGG16Features with the band cut (the default) returns the maps of the whole computation and the same gradients,
+  at an odd, a tiny and a non-square size. The gradients are compared with XLA's own convolutions: they keep the
+  band's pixels exactly equal, so that max-pool ties break alike (the C++ kernels round them apart, a legitimate but
+  different choice of subgradient)."""
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, *hw, 3)), jnp.float32)
+  cut, whole = (VGG16Features(first_conv_padding=100, ceil_mode=True, cut_band=c) for c in (True, False))
+  variables = cut.init(jax.random.key(0), x)
+  # Non-zero biases, so that the band is not zero.
+  variables = jax.tree_util.tree_map_with_path(
+      lambda path, a: a + 0.1 * jnp.cos(jnp.arange(a.size, dtype=jnp.float32)) if path[-1].key == "bias" else a,
+      variables)
+  for ours, ref, name in zip(jax.jit(cut.apply)(variables, x), jax.jit(whole.apply)(variables, x),
+                             ("pool3", "pool4", "pool5")):
+    assert_parity(ours, ref, f"{name} with the band cut at {hw}")
+
+  def loss(model):
+    return lambda v: sum(jnp.sum(m * jnp.sin(jnp.arange(m.size, dtype=jnp.float32).reshape(m.shape)))
+                         for m in model.apply(v, x))
+
+  with native.kernels_enabled(False):
+    grads, ref_grads = (jax.jit(jax.grad(loss(m)))(variables) for m in (cut, whole))
+  for (path, ours), ref in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
+    if np.any(np.asarray(ref)):
+      assert_parity(ours, ref, f"gradient {jax.tree_util.keystr(path)} with the band cut at {hw}")
 
 
 def intercept_trunk(hw, score_maps):

@@ -14,7 +14,8 @@ it aligns every map exactly (no interpolation anywhere) and it is what tests/tes
 conv6/conv7 (fc_channels, 4096 by default) on pool5, the same score/upscore layers with padding chosen so each
 upsampling multiplies the size exactly, a nearest resize to align an upsampled map with its skip when floor pooling
 left them a pixel apart, and a final bilinear resize to the input size. It is cheaper (no 200-pixel margin, which
-makes the paper variant's trunk ~3.6x the work at 224x224) but cannot use VGG16's 7x7 fc6 weights and its skips are
+makes the paper variant's trunk 3.6x the work at 224x224, 2.4x with the band of pixels that see only that margin
+cut from blocks 1-3: `cut_band`) but cannot use VGG16's 7x7 fc6 weights and its skips are
 aligned only to within a pixel. Its conv6/conv7 are named apart from fc6/fc7 so that loading VGG16 weights by path
 never puts fc weights where they do not fit.
 
@@ -80,14 +81,14 @@ def _check_variant(variant: str) -> None:
     raise ValueError(f"FCN variant={variant!r}; expected one of {VARIANTS}")
 
 
-def _trunk(x: Array, variant: str, fc_channels: int, dropout_rate: float, train: bool,
-           dtype: Any) -> tuple[Array, Array, Array]:
+def _trunk(x: Array, variant: str, fc_channels: int, dropout_rate: float, train: bool, dtype: Any,
+           cut_band: bool) -> tuple[Array, Array, Array]:
   """VGG16 trunk and fc6/fc7 (or conv6/conv7), created at the calling FCN's top level; returns pool3, pool4, fc7."""
   paper = variant == "paper"
   if not paper and min(x.shape[1:3]) < 32:
     raise ValueError(f"the 'simple' FCN variant needs inputs of at least 32x32 (five floor pools), got {x.shape[1:3]}")
   pool3, pool4, pool5 = VGG16Features(first_conv_padding=PAPER_PADDING if paper else 1, ceil_mode=paper,
-                                      dtype=dtype, name="features")(x)
+                                      cut_band=cut_band, dtype=dtype, name="features")(x)
   if paper:
     return pool3, pool4, fc6_fc7(pool5, dropout_rate, train, dtype, fc_channels)
   h = pool5
@@ -134,12 +135,17 @@ class FCN(nn.Module):
   fc_channels is the width of fc6/fc7 (conv6/conv7): VGG16's 4096, which its ImageNet weights and converted FCN
   files need; a narrower head (for example 512 when training from scratch on a small set) drops most of the 134 M
   parameters, which are fc6's 7x7x512x4096 and fc7's 4096x4096.
+
+  cut_band ('paper' only): the trunk leaves out of blocks 1-3 most of the pixels that see only the padding of 100
+  and copies them back before block 4 (fcnjax.models.padding_band): the same outputs and gradients, 30% fewer
+  multiply-adds at 224x224. False convolves every pixel, as the reference nets do.
   """
   num_classes: int = 21
   skips: tuple[str, ...] = ()
   variant: str = "paper"
   fc_channels: int = 4096
   dropout_rate: float = 0.5
+  cut_band: bool = True
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -150,7 +156,7 @@ class FCN(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
-    pool3, pool4, h = _trunk(x, self.variant, self.fc_channels, self.dropout_rate, train, self.dtype)
+    pool3, pool4, h = _trunk(x, self.variant, self.fc_channels, self.dropout_rate, train, self.dtype, self.cut_band)
     skip_maps = {"pool4": (pool4, SCORE_POOL4_OFFSET), "pool3": (pool3, SCORE_POOL3_OFFSET)}
     h = _score(h, self.num_classes, "score_fr", self.dtype)
     # Parameter names as in the reference nets: upscore2, then upscore_pool4 after the pool4 fusion.

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fcnjax.models import padding_band
 from fcnjax.ops import Conv
 from fcnjax.ops import max_pool
 
@@ -35,23 +36,54 @@ class VGG16Features(nn.Module):
   first_conv_padding: 1 as in torchvision; 100 as in FCN, whose padding lets the 7x7 VALID fc6 see any input, however
     small, and leaves a margin that the FCN heads crop away again.
   ceil_mode: False as in torchvision; True as in Caffe (and so FCN), whose pooling rounds the output size up.
+  cut_band: run blocks 1-3 without the middle of the band of pixels that see only that padding, copying it back
+    before the pools (fcnjax.models.padding_band): the same maps, values and gradients, for 30% fewer multiply-adds
+    in fcn8s at 224x224. False computes every pixel.
   """
   first_conv_padding: int = 1
   ceil_mode: bool = False
+  cut_band: bool = True
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> tuple[Array, Array, Array]:
+    convs_per_block = [num_convs for _, num_convs, _ in VGG16_BLOCKS]
+    no_cut = [padding_band.BlockCut(0, 0, 0, 0)] * len(VGG16_BLOCKS)
+    cuts = [padding_band.band_cuts(x.shape[axis], self.first_conv_padding, convs_per_block, self.ceil_mode)
+            if self.cut_band else no_cut for axis in (1, 2)]
     pools = []
-    for block, num_convs, channels in VGG16_BLOCKS:
+    for b, (block, num_convs, channels) in enumerate(VGG16_BLOCKS):
       for i in range(1, num_convs + 1):
-        pad = self.first_conv_padding if (block, i) == (1, 1) else 1
-        x = Conv(channels, (3, 3), padding=((pad, pad), (pad, pad)), kernel_init=conv_init, dtype=self.dtype,
-                 param_dtype=jnp.float32, name=f"conv{block}_{i}")(x)
+        if (block, i) == (1, 1):
+          pads = tuple((self.first_conv_padding - c[0].left, self.first_conv_padding - c[0].right) for c in cuts)
+        else:
+          pads = ((1, 1), (1, 1))
+        x = Conv(channels, (3, 3), padding=pads, kernel_init=conv_init, dtype=self.dtype, param_dtype=jnp.float32,
+                 name=f"conv{block}_{i}")(x)
         x = nn.relu(x)
+      for axis, axis_cuts in zip((1, 2), cuts):
+        following = axis_cuts[b + 1] if b + 1 < len(axis_cuts) else no_cut[0]
+        x = _copy_band_back(x, axis, axis_cuts[b], 2 * following.left, 2 * following.right)
       x = max_pool(x, 2, 2, ceil_mode=self.ceil_mode)
       pools.append(x)
     return pools[2], pools[3], pools[4]
+
+
+def _copy_band_back(x: Array, axis: int, cut: padding_band.BlockCut, left: int, right: int) -> Array:
+  """x with its band along `axis` grown back from `cut` to a cut of (left, right) pixels: copies of the band pixels
+  at cut.left_band and cut.right_band put in beside them."""
+  more_left, more_right = cut.left - left, cut.right - right
+  if more_left == more_right == 0:
+    return x
+  def piece(start, stop):
+    return jax.lax.slice_in_dim(x, start, stop, axis=axis)
+  def copies(index, count):
+    shape = list(x.shape)
+    shape[axis] = count
+    return jnp.broadcast_to(piece(index, index + 1), shape)
+  parts = [piece(0, cut.left_band), copies(cut.left_band, more_left), piece(cut.left_band, cut.right_band),
+           copies(cut.right_band, more_right), piece(cut.right_band, x.shape[axis])]
+  return jnp.concatenate([p for p in parts if p.shape[axis]], axis=axis)
 
 
 class VGG16(nn.Module):
