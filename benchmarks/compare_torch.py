@@ -87,6 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--threads", type=int, default=0, help="CPU threads for both frameworks (0 = all allowed cores)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                  help="bfloat16: fcnjax compute dtype bfloat16 (params float32); torch autocast(bfloat16)")
+  p.add_argument("--no_cut_band", action="store_true",
+                 help="fcn8s: convolve the whole band of padding-only pixels, as the reference nets do "
+                      "(fcnjax.models.padding_band)")
   p.add_argument("--no_torch_compile", action="store_true", help="skip torch.compile(model) (default mode)")
   p.add_argument("--precision", choices=PRECISIONS, default="default",
                  help="float32 matmuls and convolutions on a GPU: 'highest' = true float32 in both frameworks (TF32 "
@@ -162,19 +165,20 @@ def flax_variables_from_torch(name: str, model) -> dict:
   return conversion.get_converter(name)(state)
 
 
-def fcnjax_model_config(name: str, num_classes: int, dtype: str) -> dict:
+def fcnjax_model_config(name: str, num_classes: int, dtype: str, cut_band: bool = True) -> dict:
   """The fcnjax model config of the network the torch reference builds."""
   config = {"name": name, "num_classes": num_classes, "dtype": dtype}
   if name == "fcn8s":
     config["variant"] = "paper"  # the reference nets' FCN-8s, as tests.torch_reference.fcn
+    config["cut_band"] = cut_band
   if name in SMP_MODELS:
     config["encoder"] = SMP_ENCODER
   return config
 
 
-def fcnjax_model(name: str, num_classes: int, dtype: str):
+def fcnjax_model(name: str, num_classes: int, dtype: str, cut_band: bool = True):
   from fcnjax import models  # pylint: disable=g-import-not-at-top
-  return models.build_model(fcnjax_model_config(name, num_classes, dtype))
+  return models.build_model(fcnjax_model_config(name, num_classes, dtype, cut_band))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -191,8 +195,11 @@ def _cost_flops(lowered_or_compiled) -> float | None:
 
 def _forward_flops(model, variables, images) -> float | None:
   """The model's forward-pass FLOPs from XLA's cost analysis, lowered for CUDA: there fcnjax keeps lax's
-  convolutions, while on CPU most of them are custom calls to fcnjax.ops.native, whose FLOPs XLA does not see."""
+  convolutions, while on CPU most of them are custom calls to fcnjax.ops.native, whose FLOPs XLA does not see.
+  The network's own count, as PyTorch computes it: the FCN models' trunk with its band of padding-only pixels
+  (`cut_band`, 30% of fcn8s' FLOPs at 224x224) counted in."""
   import jax  # pylint: disable=g-import-not-at-top
+  model = harness.as_the_reference_computes(model)
   forward = jax.jit(lambda v, x: model.apply(v, x, train=False)).trace(variables, images)
   try:
     return _cost_flops(forward.lower(lowering_platforms=("cuda",)))
@@ -535,7 +542,7 @@ def bench_model(args, name: str, device: str, peak: harness.Peak, log, scratch: 
   reference = torch_model(name, args.num_classes).to(device)
   if args.torch_channels_last:
     reference = reference.to(memory_format=torch.channels_last)
-  model = fcnjax_model(name, args.num_classes, args.dtype)
+  model = fcnjax_model(name, args.num_classes, args.dtype, cut_band=not args.no_cut_band)
   variables = jax.tree.map(np.asarray, flax_variables_from_torch(name, reference.cpu()))
   reference = reference.to(device)
   rows = []

@@ -154,6 +154,12 @@ GPU_PEAK_TFLOPS = (
 )
 
 
+def as_the_reference_computes(model):
+  """The model with every pixel the reference network computes: the FCN models' trunk without its band of
+  padding-only pixels cut (`cut_band`), so that FLOP counts are the network's own, as PyTorch spends them."""
+  return model.clone(cut_band=False) if hasattr(model, "cut_band") else model
+
+
 @dataclasses.dataclass
 class Peak:
   gflops: float | None

@@ -6,7 +6,7 @@
 Parameters count the 'params' collection (BatchNorm statistics excluded, as torch's parameters() does). GFLOPs are
 XLA's cost analysis of one image's forward pass in eval mode, every head included, traced in
 fcnjax.ops.portable_forms() so that every convolution is one XLA operation whose FLOPs XLA counts (2 per
-multiply-add). Nothing is compiled or run: a few seconds per model.
+multiply-add), of the network as its reference computes it (harness.as_the_reference_computes). Nothing is compiled or run: a few seconds per model.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def measure(name: str, options: dict, num_classes: int, size: int) -> dict:
   from fcnjax import models  # pylint: disable=g-import-not-at-top
   from fcnjax.ops import portable_forms  # pylint: disable=g-import-not-at-top
 
-  model = models.build_model({"name": name, "num_classes": num_classes, **options})
+  model = harness.as_the_reference_computes(models.build_model({"name": name, "num_classes": num_classes, **options}))
   images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   with portable_forms():
     try:
