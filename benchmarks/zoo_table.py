@@ -6,7 +6,8 @@
 Parameters count the 'params' collection (BatchNorm statistics excluded, as torch's parameters() does). GFLOPs are
 XLA's cost analysis of one image's forward pass in eval mode, every head included, traced in
 fcnjax.ops.portable_forms() so that every convolution is one XLA operation whose FLOPs XLA counts (2 per
-multiply-add), of the network as its reference computes it (harness.as_the_reference_computes). Nothing is compiled or run: a few seconds per model.
+multiply-add), of the network as its reference computes it (harness.as_the_reference_computes). Nothing is
+compiled or run: a few seconds per model.
 """
 from __future__ import annotations
 
